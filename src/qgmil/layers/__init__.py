@@ -1,0 +1,22 @@
+"""Small reusable building blocks shared by the aggregators."""
+
+from .attention import GatedSelfAttention
+from .chunking import map_instances
+from .ffn import MLP, SwiGLU, make_ffn
+from .norm import RMSNorm, make_norm
+from .pooling import GatedAttentionPool, masked_softmax, max_pool, mean_pool, weighted_sum
+
+__all__ = [
+    "GatedAttentionPool",
+    "GatedSelfAttention",
+    "MLP",
+    "RMSNorm",
+    "SwiGLU",
+    "make_ffn",
+    "make_norm",
+    "map_instances",
+    "masked_softmax",
+    "max_pool",
+    "mean_pool",
+    "weighted_sum",
+]

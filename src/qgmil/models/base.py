@@ -1,0 +1,87 @@
+"""What every aggregator shares: the output type, input checking and the config-driven base class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+@dataclass
+class MILOutput:
+    """Output of every aggregator.
+
+    logits: (B, C) class scores (C = 1 means one binary logit).
+    attention: (B, N) pooling weights over instances; sum to 1 over real instances, exactly 0 on padding.
+    embedding: (B, D) pooled bag embedding that the classifier head sees.
+    layer_attention: per transformer layer (B, H, N, N), only when asked for (small bags).
+    aux_losses: named auxiliary loss terms, already weighted, that training adds to the task loss.
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor
+    embedding: torch.Tensor
+    layer_attention: list[torch.Tensor] | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ModelConfig(BaseModel):
+    """Base of all model configs: unknown keys and wrong types are errors that name the key."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    in_dim: int
+    num_classes: int
+
+
+def as_batch(x: torch.Tensor, mask: torch.Tensor | None, in_dim: int):
+    """Check inputs and bring them to (B, N, D) + (B, N) bool mask, or mask None when all are real.
+
+    Padded positions are zeroed so that no value there (inf, NaN, anything) can leak through
+    0 * value products; with the key mask this makes outputs independent of padding.
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+        if mask is not None and mask.dim() == 1:
+            mask = mask.unsqueeze(0)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, N, D) or (N, D), got shape {tuple(x.shape)}")
+    if x.shape[-1] != in_dim:
+        raise ValueError(f"x has feature dimension {x.shape[-1]} but the model expects in_dim={in_dim}")
+    if x.shape[1] == 0:
+        raise ValueError("x holds no instances (N = 0)")
+    if mask is None:
+        return x, None
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match x (B, N) = {tuple(x.shape[:2])}")
+    mask = mask if mask.dtype == torch.bool else mask != 0
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"bag(s) {empty} of the batch have no real instance (mask all False)")
+    if bool(mask.all()):
+        return x, None
+    return x.masked_fill(~mask.unsqueeze(-1), 0.0), mask
+
+
+class MILModel(nn.Module):
+    """Base class: a model is built from one validated config and can be rebuilt from it.
+
+    Subclasses set `arch` (the architecture name stored in checkpoints) and `Config`.
+    `name` is the registry name the model was created under (a preset of the architecture).
+    """
+
+    arch: ClassVar[str]
+    Config: ClassVar[type[ModelConfig]]
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.name = self.arch
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:  # pragma: no cover
+        raise NotImplementedError
