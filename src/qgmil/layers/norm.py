@@ -33,10 +33,10 @@ class RMSNorm(nn.Module):
 
 def make_norm(kind: str, dim: int, eps: float | None = None) -> nn.Module:
     """`kind` is "rms" or "layer"; `eps=None` takes the library default of that kind."""
+    if kind not in DEFAULT_EPS:
+        raise ValueError(f"unknown norm {kind!r}; expected 'rms' or 'layer'")
     if eps is None:
         eps = DEFAULT_EPS[kind]
     if kind == "rms":
         return RMSNorm(dim, eps=eps)
-    if kind == "layer":
-        return nn.LayerNorm(dim, eps=eps)
-    raise ValueError(f"unknown norm {kind!r}; expected 'rms' or 'layer'")
+    return nn.LayerNorm(dim, eps=eps)

@@ -78,6 +78,9 @@ class MILModel(nn.Module):
     arch: ClassVar[str]
     Config: ClassVar[type[ModelConfig]]
 
+    inference_chunk: int | None = 8192
+    """Instances per chunk for position-wise layers when no gradient is recorded (memory only, not numerics)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -147,9 +147,6 @@ class QGMIL(MILModel):
     arch = "qgmil"
     Config = QGMILConfig
 
-    inference_chunk: int = 8192
-    """Instances per chunk for the position-wise layers when no gradient is recorded (memory knob only)."""
-
     def __init__(self, config: QGMILConfig):
         super().__init__(config)
         cfg = config

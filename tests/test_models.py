@@ -1,0 +1,132 @@
+"""Contract tests, parametrised over every registered model."""
+
+import pytest
+import torch
+
+import qgmil
+from qgmil.data import pad_bags
+
+IN_DIM, NUM_CLASSES = 24, 3
+MODELS = qgmil.list_models()
+
+
+def make(name, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return qgmil.create_model(name, in_dim=IN_DIM, num_classes=NUM_CLASSES, **overrides).eval()
+
+
+def bags(*sizes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, IN_DIM, generator=g) for n in sizes]
+
+
+def test_registry_lists_official_presets_and_ablations():
+    expected = {"qgmil", "qgmil_elementwise", "qgmil_no_gate", "qgmil_layernorm", "qgmil_no_qknorm",
+                "qgmil_minimal", "qgmil_deep", "qgmil_light", "qgmil_wo_rmsnorm", "qgmil_wo_qknorm",
+                "qgmil_wo_gate", "qgmil_wo_swiglu"}
+    assert expected <= set(MODELS)
+    assert qgmil.list_models("qgmil_wo_*") == ["qgmil_wo_gate", "qgmil_wo_qknorm", "qgmil_wo_rmsnorm", "qgmil_wo_swiglu"]
+
+
+def test_unknown_model_and_unknown_override_are_named():
+    with pytest.raises(ValueError, match="qgmil_nope"):
+        qgmil.create_model("qgmil_nope", in_dim=4, num_classes=2)
+    with pytest.raises(ValueError, match="not_a_field"):
+        qgmil.create_model("qgmil", in_dim=4, num_classes=2, not_a_field=1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shapes_and_attention_contract(name):
+    model = make(name)
+    x, mask = pad_bags(bags(7, 3, 5))
+    out = model(x, mask)
+    assert out.logits.shape == (3, NUM_CLASSES)
+    assert out.attention.shape == (3, 7)
+    assert out.embedding.shape[0] == 3
+    torch.testing.assert_close(out.attention.sum(-1), torch.ones(3))
+    assert (out.attention[~mask] == 0).all()
+    assert (out.attention >= 0).all()
+    single = model(bags(7)[0])  # a 2-D input is one bag
+    assert single.logits.shape == (1, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("pad_value", [0.0, 1e4, float("nan"), float("inf")])
+def test_padding_does_not_change_anything(name, pad_value):
+    model = make(name)
+    items = bags(9, 4, 6)
+    x, mask = pad_bags(items, pad_value=pad_value)
+    with torch.no_grad():
+        batched = model(x, mask)
+        for i, bag in enumerate(items):
+            alone = model(bag)
+            torch.testing.assert_close(batched.logits[i], alone.logits[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batched.attention[i, : len(bag)], alone.attention[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_permutation_invariance(name):
+    model = make(name)
+    bag = bags(11)[0]
+    perm = torch.randperm(11)
+    with torch.no_grad():
+        out, out_perm = model(bag), model(bag[perm])
+    torch.testing.assert_close(out_perm.logits, out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_perm.attention[0], out.attention[0, perm], rtol=1e-5, atol=1e-6)
+
+
+# Biases a softmax is invariant to: their gradient is exactly zero by construction.
+SHIFT_INVARIANT = {"pool.attn_w.bias"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gradient_reaches_every_parameter(name):
+    model = make(name).train()
+    x, mask = pad_bags(bags(6, 4))
+    out = model(x, mask)
+    torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} gets no gradient"
+        assert torch.isfinite(p.grad).all(), pname
+        if pname not in SHIFT_INVARIANT:
+            assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_determinism_under_seed(name):
+    a, b, c = make(name, seed=3), make(name, seed=3), make(name, seed=4)
+    x = bags(5)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(a(x).logits, b(x).logits, rtol=0, atol=0)
+        assert not torch.equal(a(x).logits, c(x).logits)
+    # Dropout in training mode is reproducible under a seed too.
+    a.train(), b.train()
+    torch.manual_seed(7)
+    la = a(x).logits
+    torch.manual_seed(7)
+    torch.testing.assert_close(b(x).logits, la, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_checkpoint_roundtrip(name, tmp_path):
+    model = make(name)
+    path = qgmil.save_model(model, tmp_path / "m.safetensors", extra={"classes": ["a", "b", "c"]})
+    loaded = qgmil.load_model(path)
+    assert loaded.name == name and loaded.config == model.config
+    x, mask = pad_bags(bags(5, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, mask).logits, model(x, mask).logits, rtol=0, atol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_chunked_inference_equals_full(name):
+    model = make(name)
+    x, mask = pad_bags(bags(40, 23))
+    with torch.no_grad():
+        model.inference_chunk = None
+        full = model(x, mask)
+        model.inference_chunk = 7  # several chunks, the last one partial
+        chunked = model(x, mask)
+    torch.testing.assert_close(chunked.logits, full.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.attention, full.attention, rtol=1e-5, atol=1e-7)
