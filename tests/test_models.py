@@ -130,3 +130,19 @@ def test_chunked_inference_equals_full(name):
         chunked = model(x, mask)
     torch.testing.assert_close(chunked.logits, full.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked.attention, full.attention, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["qgmil", "qgmil_elementwise", "qgmil_layernorm"])
+def test_bf16_autocast(name):
+    """Mixed precision runs (on CPU here; the same autocast path serves GPUs) and stays near fp32."""
+    model = make(name)
+    x, mask = pad_bags(bags(30, 12))
+    with torch.no_grad():
+        ref = model(x, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, mask)
+    assert torch.isfinite(low.logits).all()
+    torch.testing.assert_close(low.attention.float().sum(-1), torch.ones(2), atol=2e-2, rtol=0)
+    assert (low.attention[~mask] == 0).all()
+    torch.testing.assert_close(low.embedding.float(), ref.embedding, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(low.logits.float(), ref.logits, atol=5e-3, rtol=5e-2)
