@@ -171,7 +171,7 @@ def run_measurement(spec: dict) -> dict:
     one_pass(torch.randn(1, WARMUP_N, IN_DIM))  # warm-up: kernels, thread pool, optimizer state
     torch.manual_seed(spec["n"])
     x = torch.randn(1, spec["n"], IN_DIM)
-    times = []
+    times, cpu0 = [], time.process_time()
     for _ in range(3 if spec["n"] <= 5000 else 1):
         t0 = time.perf_counter()
         out = one_pass(x)
@@ -180,6 +180,8 @@ def run_measurement(spec: dict) -> dict:
     return {
         "time_s": statistics.median(times),
         "times_s": times,
+        # CPU seconds / (wall seconds x threads): well below 1 means other load shared the cores.
+        "cpu_util": (time.process_time() - cpu0) / (sum(times) * spec["threads"]),
         "peak_gib": max(peak_kib - baseline_kib, 0) / 2**20,
         "baseline_gib": baseline_kib / 2**20,
         "output": out.flatten().tolist(),
@@ -351,7 +353,8 @@ def main(argv=None):
                     total, _ = forward_flops(n, cfg)
                     res["gflops"] = (3 if mode == "train" else 1) * total / res["time_s"] / 1e9
                 results[(impl, mode, n)] = res
-                summary = (f"{res['time_s']:.2f} s, peak {res['peak_gib']:.2f} GiB, {res['gflops']:.1f} GFLOP/s"
+                summary = (f"{res['time_s']:.2f} s, peak {res['peak_gib']:.2f} GiB, {res['gflops']:.1f} GFLOP/s, "
+                           f"cpu util {res['cpu_util']:.2f}"
                            if res["status"] == "ok" else res["status"])
                 print(f"  done N={n} {impl} {mode}: {summary} (child wall {time.perf_counter() - t0:.0f} s)",
                       file=sys.stderr, flush=True)
@@ -366,6 +369,10 @@ def main(argv=None):
 
     print_table(sizes, results, matmul)
     print_consistency(sizes, results)
+    low = [f"{n} {i} {m} ({r['cpu_util']:.2f})" for (i, m, n), r in results.items()
+           if r["status"] == "ok" and r["cpu_util"] < 0.85]
+    if low:
+        print(f"\ncpu utilisation < 0.85 of {args.threads} threads (other load or memory stalls?): " + ", ".join(low))
     print_summary(results, matmul)
 
     if args.json:

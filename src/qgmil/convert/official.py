@@ -241,9 +241,9 @@ def convert_official_state_dict(state: dict[str, torch.Tensor], c: dict, source:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing key(s) {missing[:6]}")
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:4]}")
         if unexpected:
-            parts.append(f"unexpected key(s) {unexpected[:6]}")
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:4]}")
         raise ConversionError(
             f"{source}: does not match official variant config ({'; '.join(parts)}). "
             "Check --variant and the constructor arguments (e.g. --num-layers, --use-cls-token)."
@@ -311,10 +311,10 @@ def convert_official(
     `official_kwargs` are the official constructor arguments (embed_dim, dropout, hidden_size,
     intermediate_size, num_attention_heads, num_layers, use_cls_token, ...).
     """
+    c = resolve_official_config(variant, in_dim=in_dim, num_classes=num_classes, **official_kwargs)
     source = str(state) if isinstance(state, (str, Path)) else "state_dict"
     if isinstance(state, (str, Path)):
         state = read_state_dict(state)
-    c = resolve_official_config(variant, in_dim=in_dim, num_classes=num_classes, **official_kwargs)
     model = QGMIL(to_qgmil_config(c))
     model.name = official_variant(variant)
     model.load_state_dict(convert_official_state_dict(state, c, source), strict=True)
