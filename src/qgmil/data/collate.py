@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
+
+from .dataset import BagItem
 
 
 def pad_bags(bags: Sequence[torch.Tensor], pad_value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,3 +21,47 @@ def pad_bags(bags: Sequence[torch.Tensor], pad_value: float = 0.0) -> tuple[torc
     x = torch.nn.utils.rnn.pad_sequence(list(bags), batch_first=True, padding_value=pad_value)
     mask = torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
     return x, mask
+
+
+@dataclass
+class BagBatch:
+    """A padded batch. x (B, N, D) float32, mask (B, N) bool (True = real), labels (B,) int64
+    (-1 = unlabelled), index (B,) dataset positions, bag_ids, coords (B, N, 2) or None."""
+
+    x: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    bag_ids: list[str]
+    coords: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.bag_ids)
+
+    def _map(self, fn) -> "BagBatch":
+        return BagBatch(**{
+            f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)
+        })
+
+    def to(self, device, non_blocking: bool = False) -> "BagBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "BagBatch":
+        """Called by DataLoader(pin_memory=True) for faster host-to-GPU copies."""
+        return self._map(torch.Tensor.pin_memory)
+
+
+def collate_bags(items: Sequence[BagItem]) -> BagBatch:
+    """DataLoader collate_fn for MILDataset items."""
+    x, mask = pad_bags([item.features for item in items])
+    coords = None
+    if all(item.coords is not None for item in items):
+        coords, _ = pad_bags([item.coords for item in items])
+    return BagBatch(
+        x=x,
+        mask=mask,
+        labels=torch.tensor([item.label for item in items], dtype=torch.long),
+        index=torch.tensor([item.index for item in items], dtype=torch.long),
+        bag_ids=[item.bag_id for item in items],
+        coords=coords,
+    )

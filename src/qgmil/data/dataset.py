@@ -1,0 +1,253 @@
+"""`MILDataset`: bags from a table + feature files, read lazily, one item per slide or per patient.
+
+Files are opened inside `__getitem__`, so each DataLoader worker opens its own HDF5 handles (h5py
+handles do not survive fork). An optional in-memory cache (fp16 halves it) serves datasets that fit
+in RAM; `max_instances` draws a random subset of a large bag, reproducibly from (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .bagfile import Bag, inspect_bag, read_bag, read_coords, read_features
+from .table import Columns, DataError, check_labels, infer_classes, read_table, resolve_files
+
+BagUnit = Literal["slide", "patient"]
+CacheMode = Literal["fp16", "fp32"]
+
+
+@dataclass
+class BagItem:
+    """One bag as the loader yields it. features (N, D) float32; label: class index, -1 if unlabelled."""
+
+    features: torch.Tensor
+    label: int
+    index: int
+    bag_id: str
+    coords: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one item is made of: a slide, or all slides of a patient (concatenated)."""
+
+    bag_id: str
+    patient_id: str
+    label: str | None
+    files: tuple[Path, ...]
+    slide_ids: tuple[str, ...]
+
+
+def _units(table: pd.DataFrame, bag_unit: BagUnit) -> list[Unit]:
+    if bag_unit == "slide":
+        return [
+            Unit(b, p, lab, (f,), (b,))
+            for b, p, lab, f in zip(table["bag_id"], table["patient_id"], table["label"], table["file"])
+        ]
+    if bag_unit != "patient":
+        raise ValueError(f"bag_unit must be 'slide' or 'patient', got {bag_unit!r}")
+    units = []
+    for patient, rows in table.groupby("patient_id", sort=False):
+        units.append(Unit(patient, patient, rows["label"].iloc[0], tuple(rows["file"]), tuple(rows["bag_id"])))
+    return units
+
+
+class MILDataset(Dataset):
+    """Bags of a table. Build with `MILDataset.from_table(table, features_dir, ...)`.
+
+    Item i -> BagItem(features (N_i, D) float32, label, index=i, bag_id, coords (N_i, 2) if asked).
+    Attributes: classes, bag_ids, patient_ids, labels (int array, -1 = unlabelled), lengths (N_i),
+    in_dim, table (the normalised table with a `file` column).
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        classes: list[str],
+        *,
+        bag_unit: BagUnit = "slide",
+        max_instances: int | None = None,
+        cache: CacheMode | None = None,
+        with_coords: bool = False,
+        seed: int = 0,
+        _shared_cache: dict | None = None,
+        _lengths: dict | None = None,
+    ):
+        if cache not in (None, "fp16", "fp32"):
+            raise ValueError(f"cache must be None, 'fp16' or 'fp32', got {cache!r}")
+        if max_instances is not None and max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1, got {max_instances}")
+        self.table = table
+        self.classes = list(classes)
+        self.bag_unit = bag_unit
+        self.max_instances = max_instances
+        self.cache_mode = cache
+        self.with_coords = with_coords
+        self.seed = seed
+        self.epoch = 0
+        self.units = _units(table, bag_unit)
+        self._class_index = {c: i for i, c in enumerate(self.classes)}
+        # Shared with subsets: a file is read (and its length looked up) once per process.
+        self._cache: dict[Path, torch.Tensor] = {} if _shared_cache is None else _shared_cache
+        self._file_lengths: dict[Path, int] = {} if _lengths is None else _lengths
+
+    @classmethod
+    def from_table(
+        cls,
+        table: str | Path | pd.DataFrame,
+        features_dir: str | Path | None,
+        *,
+        columns: Columns | None = None,
+        classes: list[str] | None = None,
+        require_labels: bool = True,
+        **kwargs,
+    ) -> "MILDataset":
+        """Read `table` (path or a frame from `read_table`), find each bag's feature file, check labels.
+
+        classes: the class order (label index = position); by default the sorted labels of the table.
+        Raises DataError listing every missing file and unknown label at once.
+        """
+        if not isinstance(table, pd.DataFrame):
+            table = read_table(table, columns, require_labels=require_labels)
+        table = table.copy()
+        files, problems = resolve_files(table, features_dir)
+        table["file"] = files
+        classes = list(classes) if classes is not None else infer_classes(table["label"])
+        problems += check_labels(table, classes)
+        if problems:
+            raise DataError(problems, f"{table.attrs.get('source', 'table')}: cannot build the dataset")
+        return cls(table, classes, **kwargs)
+
+    # --- what the dataset holds -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    @property
+    def bag_ids(self) -> list[str]:
+        return [u.bag_id for u in self.units]
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return [u.patient_id for u in self.units]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([self._class_index.get(u.label, -1) for u in self.units], dtype=np.int64)
+
+    def _file_length(self, file: Path) -> int:
+        if file not in self._file_lengths:
+            self._file_lengths[file] = inspect_bag(file).num_instances
+        return self._file_lengths[file]
+
+    def lengths_of(self, index: int) -> int:
+        return sum(self._file_length(f) for f in self.units[index].files)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Instances per item, from the file headers (the bucketing sampler batches similar lengths)."""
+        return np.array([self.lengths_of(i) for i in range(len(self))], dtype=np.int64)
+
+    @property
+    def in_dim(self) -> int:
+        return inspect_bag(self.units[0].files[0]).dim
+
+    def subset(self, bag_ids: Iterable[str], **overrides) -> "MILDataset":
+        """The rows whose bag id is in `bag_ids` (slide ids), e.g. one part of a split.
+
+        Keeps classes and shares the cache; `overrides` change e.g. max_instances for the training part.
+        """
+        wanted = set(bag_ids)
+        unknown = wanted - set(self.table["bag_id"])
+        if unknown:
+            raise DataError([f"bag id {b!r} is not in the table" for b in sorted(unknown)], "subset")
+        options = dict(
+            bag_unit=self.bag_unit, max_instances=self.max_instances, cache=self.cache_mode,
+            with_coords=self.with_coords, seed=self.seed,
+        )
+        options.update(overrides)
+        table = self.table[self.table["bag_id"].isin(wanted)]
+        table.attrs = dict(self.table.attrs)
+        return MILDataset(table, self.classes, _shared_cache=self._cache, _lengths=self._file_lengths, **options)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the random instance subset drawn for each bag (only with max_instances)."""
+        self.epoch = epoch
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def _load(self, file: Path, rows: np.ndarray | None) -> torch.Tensor:
+        if self.cache_mode is None:
+            return torch.from_numpy(np.ascontiguousarray(read_features(file, rows)))
+        cached = self._cache.get(file)
+        if cached is None:
+            dtype = torch.float16 if self.cache_mode == "fp16" else torch.float32
+            cached = torch.from_numpy(read_features(file)).to(dtype)
+            self._cache[file] = cached
+        return cached if rows is None else cached[torch.from_numpy(rows)]
+
+    def _rows(self, index: int) -> np.ndarray | None:
+        """Sorted instance rows to keep, or None for all."""
+        if self.max_instances is None:
+            return None
+        n = self.lengths_of(index)
+        if n <= self.max_instances:
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return np.sort(rng.choice(n, self.max_instances, replace=False))
+
+    def __getitem__(self, index: int) -> BagItem:
+        unit = self.units[index]
+        rows = self._rows(index)
+        if len(unit.files) == 1:
+            features = self._load(unit.files[0], rows)
+        else:
+            features = torch.cat([self._load(f, None) for f in unit.files])
+            features = features if rows is None else features[torch.from_numpy(rows)]
+        coords = None
+        if self.with_coords:
+            parts = [read_coords(f)[0] for f in unit.files]
+            if all(p is not None for p in parts):
+                coords = torch.from_numpy(np.concatenate(parts).astype(np.float32))
+                coords = coords if rows is None else coords[torch.from_numpy(rows)]
+        label = self._class_index.get(unit.label, -1)
+        return BagItem(features.float(), label, index, unit.bag_id, coords)
+
+    def preload(self, progress: bool = True) -> "MILDataset":
+        """Fill the cache now (e.g. before forking DataLoader workers, which then share it)."""
+        from tqdm.auto import tqdm
+
+        if self.cache_mode is None:
+            raise ValueError("preload needs cache='fp16' or 'fp32'")
+        files = [f for u in self.units for f in u.files]
+        for file in tqdm(files, desc="caching bags", disable=not progress, leave=False):
+            self._load(file, None)
+        return self
+
+    def read_bag(self, index: int) -> Bag:
+        """Everything stored for item `index`: features, coords, provenance attrs and extra datasets.
+
+        A patient bag concatenates its slides; extras["slide_index"] (N,) says which slide each
+        instance came from and attrs["slides"] lists the slide ids.
+        """
+        unit = self.units[index]
+        bags = [read_bag(f) for f in unit.files]
+        if len(bags) == 1:
+            return bags[0]
+        units = {b.coord_unit for b in bags}
+        coords = np.concatenate([b.coords for b in bags]) if None not in units and len(units) == 1 else None
+        extras = {"slide_index": np.concatenate([np.full(len(b), i) for i, b in enumerate(bags)])}
+        for key in set.intersection(*(set(b.extras) for b in bags)):
+            values = [b.extras[key] for b in bags]
+            if all(len(v) == len(b) for v, b in zip(values, bags)):  # per-instance: concatenate
+                extras[key] = np.concatenate(values) if isinstance(values[0], np.ndarray) else sum(values, [])
+        attrs = dict(bags[0].attrs, slides=list(unit.slide_ids))
+        features = np.concatenate([b.features for b in bags])
+        return Bag(features, bags[0].path, bags[0].layout, coords, units.pop() if coords is not None else None, attrs, extras)

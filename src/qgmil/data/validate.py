@@ -1,0 +1,150 @@
+"""Checks a dataset before any training: every problem at once, each naming the file and table row."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from .bagfile import BagFileError, inspect_bag, read_features
+from .table import Columns, DataError, check_labels, infer_classes, read_table_with_problems, resolve_files
+
+SCAN_ROWS = 65536  # rows per read when scanning a large HDF5 bag for NaN/Inf (bounds memory)
+
+
+@dataclass
+class DataReport:
+    """problems: one line each; summary: counts and shapes (see `format`)."""
+
+    problems: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        s = self.summary
+        lines = [f"table      {s.get('table')}", f"features   {s.get('features')}"]
+        if "bags" in s:
+            lines.append(f"bags       {s['bags']}  (patients {s['patients']})")
+        if s.get("classes"):
+            lines.append("classes    " + ", ".join(f"{k}: {v}" for k, v in s["classes"].items()))
+        if s.get("instances"):
+            i = s["instances"]
+            lines.append(f"instances  min {i['min']}  median {i['median']:g}  max {i['max']}  total {i['total']}")
+        if s.get("feature_dim"):
+            lines.append(f"dim        {s['feature_dim']}")
+        if s.get("layouts"):
+            lines.append("layout     " + ", ".join(f"{k} ({v})" for k, v in s["layouts"].items()))
+        if s.get("dtypes"):
+            lines.append("dtype      " + ", ".join(f"{k} ({v})" for k, v in s["dtypes"].items()))
+        lines.append("OK: no problems found" if self.ok else f"{len(self.problems)} problem(s):")
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _non_finite(path: Path, n: int) -> tuple[int, int]:
+    """(count of instances with NaN/Inf, first such instance), reading big HDF5 bags in blocks."""
+    bad, first = 0, -1
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        with h5py.File(path, "r") as f:
+            ds = f["features"] if "features" in f else f["feats"]
+            data = ds[0] if ds.ndim == 3 else ds
+            for start in range(0, n, SCAN_ROWS):
+                rows = ~np.isfinite(data[start : start + SCAN_ROWS]).all(axis=1)
+                if rows.any() and first < 0:
+                    first = start + int(np.argmax(rows))
+                bad += int(rows.sum())
+        return bad, first
+    rows = ~np.isfinite(read_features(path)).all(axis=1)
+    return int(rows.sum()), int(np.argmax(rows)) if rows.any() else -1
+
+
+def check_dataset(
+    table: str | Path,
+    features_dir: str | Path | None,
+    *,
+    columns: Columns | None = None,
+    classes: list[str] | None = None,
+    in_dim: int | None = None,
+    require_labels: bool = True,
+    scan_values: bool = True,
+    progress: bool = True,
+) -> DataReport:
+    """Check a table and its feature files; never raises for bad data, returns a report instead.
+
+    Problems found: unreadable table or missing columns, duplicate/empty bag ids, missing or unknown
+    labels (unknown = not in `classes` when given), a patient whose slides carry different labels,
+    missing or unreadable feature files, empty bags, NaN/Inf features (when `scan_values`), and a
+    feature dimension that differs between bags or from `in_dim` (the model's).
+    """
+    report = DataReport(summary={"table": str(table), "features": str(features_dir)})
+    try:
+        frame, problems = read_table_with_problems(table, columns, require_labels)
+    except DataError as err:
+        report.problems += err.problems
+        return report
+    report.problems += problems
+    files, problems = resolve_files(frame, features_dir)
+    report.problems += problems
+    if classes is not None:
+        report.problems += check_labels(frame, classes)
+
+    infos: dict[int, object] = {}
+    for i, (row, bag_id, file) in enumerate(
+        tqdm(list(zip(frame["row"], frame["bag_id"], files)), desc="checking bags", disable=not progress, leave=False)
+    ):
+        if file is None:
+            continue
+        where = f"{file} (row {row}, bag {bag_id!r})"
+        try:
+            info = inspect_bag(file)
+            if info.num_instances == 0:
+                report.problems.append(f"{where}: empty bag (0 instances)")
+                continue
+            if scan_values:
+                bad, first = _non_finite(file, info.num_instances)
+                if bad:
+                    report.problems.append(f"{where}: {bad} instance(s) have NaN/Inf features (first: instance {first})")
+        except BagFileError as err:
+            report.problems.append(f"{err} (row {row}, bag {bag_id!r})")
+            continue
+        except OSError as err:
+            report.problems.append(f"{where}: unreadable ({err})")
+            continue
+        infos[i] = info
+
+    dims = Counter(info.dim for info in infos.values())
+    expected = in_dim if in_dim is not None else (dims.most_common(1)[0][0] if dims else None)
+    for i, info in infos.items():
+        if info.dim != expected:
+            against = "the model's in_dim" if in_dim is not None else "most bags"
+            report.problems.append(
+                f"{info.path} (row {frame['row'].iloc[i]}, bag {frame['bag_id'].iloc[i]!r}): "
+                f"feature dim {info.dim}, but {against} have {expected}"
+            )
+
+    lengths = np.array([info.num_instances for info in infos.values()])
+    labels = [label for label in frame["label"] if label is not None]
+    report.summary.update(
+        bags=len(frame),
+        patients=int(frame["patient_id"].nunique()),
+        classes={c: labels.count(c) for c in (classes or infer_classes(labels))},
+        feature_dim=expected,
+        layouts=dict(Counter(info.layout for info in infos.values())),
+        dtypes=dict(Counter(info.dtype for info in infos.values())),
+    )
+    if len(lengths):
+        report.summary["instances"] = {
+            "min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max()),
+            "total": int(lengths.sum()),
+        }
+    return report
+
+
+__all__ = ["DataReport", "check_dataset"]

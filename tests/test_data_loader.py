@@ -1,0 +1,165 @@
+"""MILDataset, bucketing sampler and padded batches: what the training loop will rely on."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qgmil
+from qgmil.data import (
+    BucketBatchSampler, MILDataset, collate_bags, make_loader, padding_fraction, read_features, set_epoch, write_bag,
+)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    """24 bags of 3..200 instances (dim 8) with coords and instance labels; 2 slides per patient."""
+    root = tmp_path_factory.mktemp("bags")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        n = int(rng.integers(3, 200))
+        coords = np.stack([np.arange(n) % 10, np.arange(n) // 10], 1) * 224
+        write_bag(root / "features" / f"s{i}.h5", rng.normal(size=(n, 8)).astype(np.float32), coords,
+                  extras={"instance_labels": np.full(n, i)})
+        rows.append({"bag_id": f"s{i}", "label": ["a", "b", "c"][(i // 2) % 3], "patient_id": f"p{i // 2}"})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+def load(root, **kw):
+    return MILDataset.from_table(root / "labels.csv", root / "features", **kw)
+
+
+def test_items_match_the_files(dataset_dir):
+    ds = load(dataset_dir, with_coords=True)
+    assert len(ds) == 24 and ds.classes == ["a", "b", "c"] and ds.in_dim == 8
+    item = ds[5]
+    np.testing.assert_array_equal(item.features.numpy(), read_features(dataset_dir / "features" / "s5.h5"))
+    assert item.features.dtype == torch.float32 and item.bag_id == "s5" and item.label == 2
+    assert item.coords.shape == (len(item.features), 2)
+    assert ds.lengths[5] == len(item.features)
+    assert ds.read_bag(5).extras["instance_labels"][0] == 5
+
+
+def test_patient_bags_concatenate_their_slides(dataset_dir):
+    slides = load(dataset_dir)
+    patients = load(dataset_dir, bag_unit="patient")
+    assert len(patients) == 12 and patients.bag_ids[0] == "p0"
+    np.testing.assert_array_equal(patients.labels, slides.labels[::2])
+    item = patients[3]
+    expected = torch.cat([slides[6].features, slides[7].features])
+    torch.testing.assert_close(item.features, expected)
+    bag = patients.read_bag(3)
+    assert bag.attrs["slides"] == ["s6", "s7"]
+    np.testing.assert_array_equal(bag.extras["slide_index"], np.repeat([0, 1], [len(slides[6].features), len(slides[7].features)]))
+    np.testing.assert_array_equal(bag.extras["instance_labels"], np.repeat([6, 7], [len(slides[6].features), len(slides[7].features)]))
+
+
+def test_instance_subsampling_is_reproducible_and_changes_with_epoch(dataset_dir):
+    full = load(dataset_dir)
+    ds = load(dataset_dir, max_instances=20, seed=1)
+    big = int(np.argmax(full.lengths))
+    a = ds[big].features
+    assert a.shape == (20, 8)
+    rows = {tuple(r) for r in full[big].features.numpy()}
+    assert all(tuple(r) in rows for r in a.numpy())  # real instances, none invented
+    torch.testing.assert_close(ds[big].features, a)   # same (seed, epoch, index) -> same subset
+    ds.set_epoch(1)
+    assert not torch.equal(ds[big].features, a)
+    small = int(np.argmin(full.lengths))
+    torch.testing.assert_close(ds[small].features, full[small].features)  # short bags untouched
+
+
+def test_fp16_cache(dataset_dir):
+    ds = load(dataset_dir, cache="fp16").preload(progress=False)
+    assert len(ds._cache) == 24
+    np.testing.assert_array_equal(ds[4].features.numpy(),
+                                  read_features(dataset_dir / "features" / "s4.h5").astype(np.float16).astype(np.float32))
+    part = ds.subset(["s1", "s4"], max_instances=5)
+    assert part._cache is ds._cache and part.bag_ids == ["s1", "s4"] and part.max_instances == 5
+
+
+def test_subset_rejects_unknown_ids(dataset_dir):
+    with pytest.raises(ValueError, match="'nope' is not in the table"):
+        load(dataset_dir).subset(["s1", "nope"])
+
+
+def test_loader_batches_are_padded_and_masked_and_workers_agree(dataset_dir):
+    ds = load(dataset_dir, with_coords=True)
+    batches = {}
+    for workers in (0, 2):
+        loader = make_loader(ds, batch_size=5, num_workers=workers, seed=3)
+        set_epoch(loader, 2)
+        batches[workers] = list(loader)
+    for b0, b2 in zip(batches[0], batches[2], strict=True):
+        assert b0.bag_ids == b2.bag_ids
+        torch.testing.assert_close(b0.x, b2.x)
+    seen = []
+    for batch in batches[0]:
+        lengths = ds.lengths[batch.index.numpy()]
+        assert batch.x.shape[:2] == batch.mask.shape == (len(batch), lengths.max())
+        assert batch.mask.sum(1).tolist() == lengths.tolist()
+        assert (batch.x[~batch.mask] == 0).all() and batch.coords.shape[:2] == batch.mask.shape
+        assert batch.labels.tolist() == ds.labels[batch.index.numpy()].tolist()
+        seen += batch.bag_ids
+    assert sorted(seen) == sorted(ds.bag_ids)
+
+
+def test_batched_logits_equal_single_bag_logits(dataset_dir):
+    ds = load(dataset_dir)
+    model = qgmil.create_model("qgmil", in_dim=8, num_classes=3).eval()
+    batch = collate_bags([ds[i] for i in (0, 3, 9)])
+    with torch.no_grad():
+        together = model(batch.x, batch.mask).logits
+        alone = torch.cat([model(ds[i].features).logits for i in (0, 3, 9)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 5000), min_size=1, max_size=120),
+    batch_size=st.integers(1, 9),
+    shuffle=st.booleans(),
+    replicas=st.integers(1, 3),
+    epoch=st.integers(0, 3),
+)
+def test_sampler_covers_every_bag_once_and_splits_ranks_evenly(lengths, batch_size, shuffle, replicas, epoch):
+    per_rank = []
+    for rank in range(replicas):
+        sampler = BucketBatchSampler(lengths, batch_size, shuffle=shuffle, num_replicas=replicas, rank=rank, seed=5)
+        sampler.set_epoch(epoch)
+        per_rank.append(list(sampler))
+        assert len(per_rank[-1]) == len(sampler)
+        assert all(1 <= len(b) <= batch_size for b in per_rank[-1])
+    assert len({len(r) for r in per_rank}) == 1  # every rank runs the same number of steps
+    flat = [i for r in per_rank for b in r for i in b]
+    assert set(flat) == set(range(len(lengths)))
+    if replicas == 1:
+        assert sorted(flat) == list(range(len(lengths)))  # exactly once
+
+
+def test_bucketing_cuts_padding_and_depends_only_on_seed_and_epoch():
+    lengths = np.random.default_rng(0).lognormal(8, 1, size=512).astype(int) + 1
+    sampler = BucketBatchSampler(lengths, 8, seed=0)
+    bucketed = list(sampler)
+    assert bucketed == list(BucketBatchSampler(lengths, 8, seed=0))
+    sampler.set_epoch(1)
+    assert list(sampler) != bucketed
+    random = [list(b) for b in np.random.default_rng(1).permutation(512).reshape(64, 8)]
+    assert padding_fraction(bucketed, lengths) < 0.4 * padding_fraction(random, lengths)  # 0.19 vs 0.68
+
+
+def test_class_balanced_sampling():
+    labels = np.array([0] * 90 + [1] * 10)
+    sampler = BucketBatchSampler(np.ones(100), 10, class_balanced=True, labels=labels)
+    drawn = []
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        drawn += [i for b in sampler for i in b]
+    share = (labels[drawn] == 1).mean()
+    assert 0.45 < share < 0.55  # the 10% class is drawn half the time
+    with pytest.raises(ValueError, match="needs labels"):
+        BucketBatchSampler(np.ones(4), 2, class_balanced=True)
