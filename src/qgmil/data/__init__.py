@@ -1,6 +1,19 @@
-"""Bag data: built-in datasets and batching."""
+"""Bag data: feature files, dataset tables, patient-level splits, padded batching, built-in datasets."""
 
-from .builtin import BagDataset, digit_bags
-from .collate import pad_bags
+from .bagfile import Bag, BagFileError, BagInfo, inspect_bag, read_bag, read_coords, read_features, write_bag
+from .builtin import BagDataset, dataset_info, digit_bags, list_datasets, prepare_dataset
+from .collate import BagBatch, collate_bags, pad_bags
+from .dataset import BagItem, MILDataset
+from .loader import make_loader, set_epoch
+from .sampler import BucketBatchSampler, padding_fraction
+from .splits import Fold, Splits, load_or_make_splits, make_splits, splits_from_table
+from .table import Columns, DataError, read_table
+from .validate import DataReport, check_dataset
 
-__all__ = ["BagDataset", "digit_bags", "pad_bags"]
+__all__ = [
+    "Bag", "BagBatch", "BagDataset", "BagFileError", "BagInfo", "BagItem", "BucketBatchSampler", "Columns",
+    "DataError", "DataReport", "Fold", "MILDataset", "Splits", "check_dataset", "collate_bags", "dataset_info",
+    "digit_bags", "list_datasets", "prepare_dataset",
+    "inspect_bag", "load_or_make_splits", "make_loader", "make_splits", "pad_bags", "padding_fraction",
+    "read_bag", "read_coords", "read_features", "read_table", "set_epoch", "splits_from_table", "write_bag",
+]
