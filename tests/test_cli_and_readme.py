@@ -25,6 +25,17 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), {})
 
 
+def test_readme_data_commands_run(tmp_path):
+    section = README.split("## Data", 1)[1].split("\n## ", 1)[0]
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                for line in block.strip().splitlines()]
+    assert any(c.startswith("qgmil data check") for c in commands)
+    for command in commands:
+        result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
+    assert (tmp_path / "data" / "digits" / "splits.json").is_file()
+
+
 def test_ci_runs_the_readme_test_command():
     quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```bash\n(.*?)```", quick_start, flags=re.S)[0].strip().splitlines()
@@ -52,3 +63,25 @@ def test_demo_learns_digit_bags_and_finds_the_positive_instances(tmp_path):
     assert metrics["macro_f1"] > 0.85
     assert metrics["attention_on_positive_instances"] > 2 * metrics["uniform_attention_on_positive_instances"]
     assert metrics["checkpoint_roundtrip_max_abs_diff"] == 0.0
+
+
+def test_cli_datasets_list_and_prepare_with_options(tmp_path):
+    from click.testing import CliRunner
+
+    from qgmil.cli import main
+    from qgmil.data import MILDataset
+
+    runner = CliRunner()
+    listing = runner.invoke(main, ["datasets", "list"])
+    assert listing.exit_code == 0 and "synthetic-wsi" in listing.output and "musk1" in listing.output
+    out = tmp_path / "wsi"
+    args = ["datasets", "prepare", "synthetic-wsi", str(out), "--bags", "3", "--min-instances", "50",
+            "--max-instances", "80", "--dim", "8", "--dtype", "float16"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = MILDataset.from_table(out / "labels.csv", out / "features")
+    assert len(data) == 3 and data.in_dim == 8 and all(50 <= n <= 80 for n in data.lengths)
+    bad = runner.invoke(main, ["datasets", "prepare", "musk1", str(tmp_path / "m"), "--bags", "3"])
+    assert bad.exit_code != 0 and "unknown option '--bags' for musk1 (options: standardize)" in bad.output
+    changed = runner.invoke(main, args[:4] + ["--bags", "4"])
+    assert changed.exit_code != 0 and "error:" in changed.output
