@@ -163,3 +163,22 @@ def test_class_balanced_sampling():
     assert 0.45 < share < 0.55  # the 10% class is drawn half the time
     with pytest.raises(ValueError, match="needs labels"):
         BucketBatchSampler(np.ones(4), 2, class_balanced=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(0, 12), min_size=1, max_size=5), pad=st.sampled_from([0.0, -1.5]))
+def test_pad_bags_matches_pad_sequence(lengths, pad):
+    from qgmil.data import pad_bags
+
+    bags = [torch.randn(n, 3) for n in lengths]
+    x, mask = pad_bags(bags, pad_value=pad)
+    torch.testing.assert_close(x, torch.nn.utils.rnn.pad_sequence(bags, batch_first=True, padding_value=pad))
+    assert mask.sum(1).tolist() == lengths
+
+
+def test_batches_never_alias_the_fp32_cache(dataset_dir):
+    ds = load(dataset_dir, cache="fp32")
+    before = ds[0].features.clone()
+    for batch in make_loader(ds, batch_size=1, train=False):
+        batch.x.mul_(0)  # a training loop may normalise inputs in place
+    torch.testing.assert_close(ds[0].features, before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -10,16 +11,35 @@ import torch
 from .dataset import BagItem
 
 
+def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output; inside a DataLoader worker, straight in shared memory (as torch's default
+    collate does), so sending the batch to the main process costs no second copy."""
+    if torch.utils.data.get_worker_info() is not None:
+        storage = like.untyped_storage()._new_shared(math.prod(shape) * like.element_size())
+        return like.new_empty(0).set_(storage).view(shape)
+    return like.new_empty(shape)
+
+
 def pad_bags(bags: Sequence[torch.Tensor], pad_value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """bags: list of (N_i, D) -> x (B, max N_i, D), mask (B, max N_i) bool with True = real instance."""
+    """bags: list of (N_i, D) -> x (B, max N_i, D), mask (B, max N_i) bool with True = real instance.
+
+    A single bag outside a worker is returned as a view (no copy): at batch size 1, the usual one for
+    whole-slide bags, copying 100k x 1024 floats would cost more than reading them.
+    """
     if not bags:
         raise ValueError("pad_bags needs at least one bag")
-    dims = {b.shape[-1] for b in bags}
+    dims = {tuple(b.shape[1:]) for b in bags}
     if len(dims) != 1:
         raise ValueError(f"bags have different feature dimensions {sorted(dims)}")
     lengths = torch.tensor([b.shape[0] for b in bags])
-    x = torch.nn.utils.rnn.pad_sequence(list(bags), batch_first=True, padding_value=pad_value)
-    mask = torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+    longest = int(lengths.max())
+    mask = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)
+    if len(bags) == 1 and torch.utils.data.get_worker_info() is None:
+        return bags[0].unsqueeze(0), mask
+    x = _empty((len(bags), longest, *bags[0].shape[1:]), bags[0])
+    for i, bag in enumerate(bags):
+        x[i, : len(bag)] = bag
+        x[i, len(bag) :] = pad_value  # only the padded tail is written twice
     return x, mask
 
 

@@ -191,7 +191,10 @@ class MILDataset(Dataset):
             dtype = torch.float16 if self.cache_mode == "fp16" else torch.float32
             cached = torch.from_numpy(read_features(file)).to(dtype)
             self._cache[file] = cached
-        return cached if rows is None else cached[torch.from_numpy(rows)]
+        if rows is not None:
+            return cached[torch.from_numpy(rows)]
+        # fp16 items are converted (a new tensor) in __getitem__; fp32 ones must not alias the cache.
+        return cached.clone() if self.cache_mode == "fp32" else cached
 
     def _rows(self, index: int) -> np.ndarray | None:
         """Sorted instance rows to keep, or None for all."""
