@@ -126,19 +126,23 @@ def test_batched_logits_equal_single_bag_logits(dataset_dir):
     replicas=st.integers(1, 3),
     epoch=st.integers(0, 3),
 )
-def test_sampler_covers_every_bag_once_and_splits_ranks_evenly(lengths, batch_size, shuffle, replicas, epoch):
+def test_sampler_covers_every_bag_once_and_splits_global_batches_over_ranks(lengths, batch_size, shuffle, replicas, epoch):
+    single = BucketBatchSampler(lengths, batch_size, shuffle=shuffle, seed=5)
+    single.set_epoch(epoch)
+    global_batches = list(single)
+    assert len(global_batches) == len(single)
+    assert sorted(i for b in global_batches for i in b) == list(range(len(lengths)))  # exactly once
+    assert all(1 <= len(b) <= batch_size for b in global_batches)
     per_rank = []
     for rank in range(replicas):
         sampler = BucketBatchSampler(lengths, batch_size, shuffle=shuffle, num_replicas=replicas, rank=rank, seed=5)
         sampler.set_epoch(epoch)
-        per_rank.append(list(sampler))
-        assert len(per_rank[-1]) == len(sampler)
-        assert all(1 <= len(b) <= batch_size for b in per_rank[-1])
-    assert len({len(r) for r in per_rank}) == 1  # every rank runs the same number of steps
-    flat = [i for r in per_rank for b in r for i in b]
-    assert set(flat) == set(range(len(lengths)))
-    if replicas == 1:
-        assert sorted(flat) == list(range(len(lengths)))  # exactly once
+        per_rank.append(list(zip(sampler, sampler.step_plan())))
+        assert len(per_rank[-1]) == len(global_batches)  # every rank runs the same steps
+    for step, batch in enumerate(global_batches):
+        real = [i for r in per_rank for i in r[step][0] if not r[step][1][1]]
+        assert sorted(real) == sorted(batch)  # the ranks' real shares make up the global batch
+        assert all(r[step][1][0] == len(batch) for r in per_rank)
 
 
 def test_bucketing_cuts_padding_and_depends_only_on_seed_and_epoch():

@@ -17,9 +17,12 @@ class BucketBatchSampler(Sampler[list[int]]):
     randomness stays while padding shrinks. class_balanced=True draws len(lengths) bags with
     replacement, each class equally likely (for imbalanced data). Evaluation (shuffle=False): all bags
     sorted by length, every bag exactly once.
-    Under torch.distributed, rank r of `num_replicas` takes every num_replicas-th batch; the batch list
-    is padded by repeating batches so every rank runs the same number of steps (evaluation code must
-    drop the repeats by `index`). Reproducible from (seed, epoch): call `set_epoch` each epoch.
+    Under torch.distributed, `batch_size` is the global batch: rank r of `num_replicas` takes
+    batch[r::num_replicas] of every batch, so all ranks run the same steps and a step sees exactly
+    the bags a single process would (with per-bag loss weights this gives the same gradient). A rank
+    whose share is empty (a batch smaller than the number of ranks) gets the batch's first bag as a
+    stand-in that must carry zero weight: `step_plan()` says which. Reproducible from (seed, epoch):
+    call `set_epoch` each epoch.
     """
 
     def __init__(
@@ -84,19 +87,26 @@ class BucketBatchSampler(Sampler[list[int]]):
         rng.shuffle(batches)
         return batches
 
+    def _shares(self) -> list[tuple[list[int], int, bool]]:
+        """This rank's (indices, global batch size, is_stand_in) for every step of the epoch."""
+        shares = []
+        for batch in self._all_batches():
+            mine = batch[self.rank :: self.num_replicas]
+            shares.append((mine, len(batch), False) if mine else ([batch[0]], len(batch), True))
+        return shares
+
+    def step_plan(self) -> list[tuple[int, bool]]:
+        """(global batch size, is_stand_in) per step of the current epoch, in iteration order."""
+        return [(size, stand_in) for _, size, stand_in in self._shares()]
+
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._all_batches()
-        if self.num_replicas > 1 and batches:
-            total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
-            batches = (batches * math.ceil(total / len(batches)))[:total]
-            batches = batches[self.rank :: self.num_replicas]
-        return iter(batches)
+        return iter([indices for indices, _, _ in self._shares()])
 
     def __len__(self) -> int:
         n_batches = math.ceil(len(self.lengths) / self.batch_size)
         if self.shuffle and self.drop_last and len(self.lengths) % self.batch_size:
             n_batches -= 1
-        return math.ceil(n_batches / self.num_replicas)
+        return n_batches
 
 
 def padding_fraction(batches: list[list[int]], lengths: Sequence[int]) -> float:
