@@ -97,6 +97,16 @@ def _h5_layout(f: h5py.File, path: Path) -> tuple[str, str]:
     raise BagFileError(f"{path}: no 'features' (TRIDENT/CLAM/qgmil) or 'feats' (STAMP) dataset; the file holds {found}")
 
 
+def _attrs(f: h5py.File, key: str) -> dict[str, Any]:
+    """Provenance sits on the root (qgmil, STAMP) or on the datasets (TRIDENT, CLAM): merge all."""
+    attrs: dict[str, Any] = {}
+    for name in ("coords", key):
+        if name in f:
+            attrs.update({k: _plain(v) for k, v in f[name].attrs.items()})
+    attrs.update({k: _plain(v) for k, v in f.attrs.items()})
+    return attrs
+
+
 def _check_shape(shape: tuple, path: Path, what: str = "features") -> tuple[int, int]:
     # Some pipelines save (1, N, D); the leading 1 is a batch axis.
     if len(shape) == 3 and shape[0] == 1:
@@ -216,6 +226,15 @@ def read_coords(path: str | Path) -> tuple[np.ndarray | None, str | None]:
         return _as_2d(f["coords"][()]), unit
 
 
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """Provenance attributes only (no data read): encoder, patch size, mpp... ({} for .pt/.npy)."""
+    path = _check_file(path)
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        return {}
+    with _open_h5(path) as f:
+        return _attrs(f, _h5_layout(f, path)[1])
+
+
 def read_bag(path: str | Path) -> Bag:
     """Everything the file holds: features, coords (+ unit), provenance attrs and extra datasets."""
     path = _check_file(path)
@@ -224,12 +243,7 @@ def read_bag(path: str | Path) -> Bag:
         with _open_h5(path) as f:
             layout, key = _h5_layout(f, path)
             _check_shape(f[key].shape, path)
-            attrs: dict[str, Any] = {}
-            # Provenance sits on the root (qgmil, STAMP) or on the datasets (TRIDENT, CLAM).
-            for name in ("coords", key):
-                if name in f:
-                    attrs.update({k: _plain(v) for k, v in f[name].attrs.items()})
-            attrs.update({k: _plain(v) for k, v in f.attrs.items()})
+            attrs = _attrs(f, key)
             features = _as_2d(f[key][()])
             coords = _as_2d(f["coords"][()]) if "coords" in f else None
             extras = {

@@ -1,0 +1,105 @@
+"""Evaluation figures (PNG). matplotlib is an optional extra: `pip install 'qgmil[plots]'`.
+
+Figures are drawn on a bare `Figure` with the Agg canvas, never through pyplot, so plotting neither touches
+the global backend nor leaks figures, and works in headless training runs and threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .metrics import calibration_bins
+
+
+def _new_figure(**kwargs):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install 'qgmil[plots]'") from e
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_atomic(fig, path) -> Path:
+    """Write the figure to a temporary file beside `path`, then rename it over `path` (no half-written files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def reliability_diagram(y, probs, path, *, n_bins: int = 15, title: str | None = None) -> Path:
+    """Reliability diagram of the top-label confidence: accuracy per confidence bin (bars) against the
+    diagonal, with the bin counts below and the ECE in the title.
+
+    y: (n,) int class indices; probs: (n, C) probabilities. Returns `path` (written atomically)."""
+    bins = calibration_bins(y, probs, n_bins)
+    count, acc, conf, edges = bins["count"], bins["accuracy"], bins["confidence"], bins["edges"]
+    filled = count > 0
+    ece = float(np.sum(count[filled] * np.abs(acc[filled] - conf[filled])) / count.sum())
+
+    fig = _new_figure(figsize=(5.0, 6.0))
+    ax, ax_hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = np.diff(edges)
+    ax.bar(edges[:-1][filled], acc[filled], width=width[filled], align="edge", color="tab:blue",
+           edgecolor="black", linewidth=0.5, label="accuracy")
+    ax.bar(edges[:-1][filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled], align="edge",
+           facecolor="none", edgecolor="tab:red", hatch="//", linewidth=0.5, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize="small")
+    heading = f"ECE = {ece:.3f} (n = {int(count.sum())})"
+    ax.set_title(f"{title}\n{heading}" if title else heading)
+    ax_hist.bar(edges[:-1], count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
+    ax_hist.set_xlabel("top-label confidence")
+    ax_hist.set_ylabel("bags")
+    return _save_atomic(fig, path)
+
+
+def metric_bars(summary_by_model: dict[str, dict], path, metrics: Sequence[str] = ("macro_f1", "auroc")) -> Path:
+    """Grouped bar chart of mean ± std per model and metric.
+
+    summary_by_model: model name -> output of `summarize_predictions`. Returns `path` (written atomically)."""
+    if not summary_by_model:
+        raise ValueError("no models to plot")
+    metrics = list(metrics)
+    models = list(summary_by_model)
+    for model, summary in summary_by_model.items():
+        missing = [m for m in metrics if m not in summary]
+        if missing:
+            raise KeyError(f"model {model!r} has no summary for {missing}")
+
+    fig = _new_figure(figsize=(max(4.0, 1.2 + 0.6 * len(models) * len(metrics)), 4.0))
+    ax = fig.subplots()
+    x = np.arange(len(metrics))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        means = np.array([summary_by_model[model][m]["mean"] for m in metrics], dtype=float)
+        stds = np.array([summary_by_model[model][m]["std"] for m in metrics], dtype=float)
+        ax.bar(x - 0.4 + (i + 0.5) * width, np.nan_to_num(means), width=width,
+               yerr=np.where(np.isnan(means), math.nan, stds), capsize=3, label=model)
+    ax.set_xticks(x)
+    ax.set_xticklabels(metrics)
+    ax.set_ylabel("mean ± std over folds")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return _save_atomic(fig, path)

@@ -1,0 +1,142 @@
+"""ABMIL: attention-based deep MIL (Ilse, Tomczak & Welling 2018, ICML).
+
+    instances (B, N, in_dim)
+      -> embed: Linear -> ReLU -> dropout                              h (B, N, dim)
+      -> attention pooling                                             a (B, N), z (B, dim)
+           plain (eq. 8):  a_i = softmax_i(w^T tanh(V h_i))
+           gated (eq. 9):  a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)))
+           z = sum_i a_i h_i
+      -> head: Linear(dim, num_classes)                                (B, num_classes)
+
+One architecture ("abmil"); `gated` selects the attention of eq. 9 instead of eq. 8, so the
+`abmil` and `abmil_gated` presets differ in that one flag (and the gate parameters U exist only
+when gated).
+
+Defaults and where they come from:
+  dim = 512       CLAM's ABMIL-style setup on precomputed WSI features (Lu et al. 2021, Nat. Biomed.
+                  Eng.; CLAM "small" size [1024, 512, 256]: Linear(1024, 512) -> ReLU -> Dropout).
+  attn_dim = 128  the paper's D = 128 for an embedding of L = 500 (official AttentionDeepMIL code),
+                  i.e. the same ratio at dim 512. CLAM uses 256 here; pass attn_dim=256 to match it.
+  dropout = 0.25  CLAM's dropout after the instance embedding (p = 0.25). CLAM also puts dropout in
+                  its attention branches; the paper's equations have none, and neither do we.
+  Linear layers keep biases and PyTorch's default initialisation, as the official AttentionDeepMIL
+  code (the paper writes V, U, w without biases; a bias on w is a no-op under the softmax).
+
+Padding is masked: padded instances get attention exactly 0, and since `as_batch` zeroes them, no
+padding value reaches the logits. At inference (no gradient) the instance embedding and the
+attention scores run in chunks of `inference_chunk` instances, so 100k-instance bags stay lean.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import model_validator
+from torch import nn
+
+from ..layers import GatedAttentionPool, map_instances, masked_softmax, weighted_sum
+from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .registry import register_arch, register_model
+
+
+class ABMILConfig(ModelConfig):
+    dim: int = 512
+    """Width of the instance embedding h (the paper's L; 512 as in CLAM's ABMIL-style setup)."""
+    attn_dim: int = 128
+    """Hidden width of the attention network (the paper's D = 128)."""
+    gated: bool = False
+    """Gated attention (eq. 9, with sigmoid(U h) gate) instead of plain tanh attention (eq. 8)."""
+    dropout: float = 0.25
+    """Dropout after the instance embedding (CLAM's p = 0.25)."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("in_dim", "num_classes", "dim", "attn_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+class AttentionPool(nn.Module):
+    """Plain attention pooling (Ilse et al. 2018, eq. 8): a_i = softmax_i(w^T tanh(V h_i)), z = sum_i a_i h_i.
+
+    The non-gated counterpart of `GatedAttentionPool` (same parameter names, same call):
+    x (B, N, D), mask (B, N) or None -> z (B, D), attention (B, N).
+    """
+
+    def __init__(self, dim: int, attn_dim: int):
+        super().__init__()
+        self.attn_v = nn.Linear(dim, attn_dim)
+        self.attn_w = nn.Linear(attn_dim, 1)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised attention logits, (B, n, D) -> (B, n)."""
+        return self.attn_w(torch.tanh(self.attn_v(x))).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None):
+        attention = masked_softmax(map_instances(self.score, x, chunk=chunk), mask)
+        return weighted_sum(attention, x), attention
+
+
+class ABMILEmbed(nn.Module):
+    """Linear -> ReLU -> dropout, (B, N, in_dim) -> (B, N, dim)."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.act(self.proj(x)))
+
+
+@register_arch
+class ABMIL(MILModel):
+    """ABMIL aggregator. forward(x (B, N, in_dim) or (N, in_dim), mask (B, N) bool or None) -> MILOutput."""
+
+    arch = "abmil"
+    Config = ABMILConfig
+
+    def __init__(self, config: ABMILConfig):
+        super().__init__(config)
+        cfg = config
+        self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
+        # GatedAttentionPool without a norm computes exactly eq. 9 (norm = Identity, z = sum a_i h_i).
+        self.pool = GatedAttentionPool(cfg.dim, cfg.attn_dim) if cfg.gated else AttentionPool(cfg.dim, cfg.attn_dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        """x (B, N, in_dim), mask (B, N) bool, True = real instance."""
+        x, mask = as_batch(x, mask, self.config.in_dim)
+        chunk = None if torch.is_grad_enabled() else self.inference_chunk
+        h = map_instances(self.embed, x, chunk=chunk)  # (B, N, dim)
+        embedding, attention = self.pool(h, mask, chunk=chunk)  # (B, dim), (B, N)
+        logits = self.head(embedding)  # (B, num_classes)
+        return MILOutput(logits=logits, attention=attention, embedding=embedding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets.
+
+PRESETS: dict[str, dict] = {
+    "abmil": dict(gated=False),
+    "abmil_gated": dict(gated=True),
+}
+
+DESCRIPTIONS = {
+    "abmil": "ABMIL (Ilse et al. 2018): attention pooling a_i = softmax(w^T tanh(V h_i))",
+    "abmil_gated": "gated ABMIL (Ilse et al. 2018): a_i = softmax(w^T (tanh(V h_i) * sigmoid(U h_i)))",
+}
+
+
+def _register_preset(name: str, preset: dict) -> None:
+    def factory(in_dim: int, num_classes: int, **overrides) -> ABMIL:
+        return ABMIL(ABMILConfig(**{**preset, "in_dim": in_dim, "num_classes": num_classes, **overrides}))
+
+    register_model(name, DESCRIPTIONS[name])(factory)
+
+
+for _name, _preset in PRESETS.items():
+    _register_preset(_name, _preset)

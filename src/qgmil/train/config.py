@@ -1,0 +1,154 @@
+"""The run configuration: one validated YAML file (or plain flags), saved resolved into the run directory.
+
+Unknown keys and wrong types are errors that name the key (`optim.lr: Input should be a valid number`).
+`--set a.b=value` overrides any field; values are parsed as YAML (`--set optim.lr=3e-4`,
+`--set model.overrides.dropout=0.1`, `--set eval.seeds=[0,1,2]`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..data.table import Columns
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the bags are: a table + features folder, or a built-in dataset prepared on first use."""
+
+    table: Path | None = None
+    features: Path | None = None
+    builtin: str | None = Field(None, description="built-in dataset name (qgmil datasets list), instead of table")
+    builtin_options: dict[str, Any] = Field(default_factory=dict)
+    builtin_dir: Path | None = Field(None, description="where to prepare it (default: RUN_DIR/data/NAME)")
+    columns: Columns = Field(default_factory=Columns)
+    bag_unit: Literal["slide", "patient"] = "slide"
+    classes: list[str] | None = Field(None, description="class order; default: sorted labels")
+    max_instances: int | None = Field(None, ge=1, description="random subset of larger bags while training")
+    cache: Literal["fp16", "fp32"] | None = None
+    num_workers: int = Field(0, ge=0)
+    check: bool = Field(True, description="read every bag for NaN/Inf and dims before training")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.table is None) == (self.builtin is None):
+            raise ValueError("give exactly one of data.table (with data.features) or data.builtin")
+        return self
+
+
+class ModelSection(_Section):
+    name: str = "qgmil"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="config fields of the model, e.g. dropout")
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(1, ge=1, description="bags per optimizer micro-step (global under torchrun)")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine schedule ends at lr * min_lr_ratio")
+    warmup_epochs: float = Field(1.0, ge=0)
+    weight_decay: float = Field(1e-2, ge=0, description="not applied to biases, norms and other 1-D tensors")
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0)
+    class_weights: bool = Field(True, description="cross-entropy weights n / (C n_c) from the training part")
+    class_balanced_sampling: bool = False
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class EvalConfig(_Section):
+    folds: int = Field(5, ge=2)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    splits: Path | None = Field(None, description="reuse this splits.json instead of making one")
+    monitor: Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc", "kappa", "nll", "loss"] = "macro_f1"
+    patience: int | None = Field(10, ge=1, description="epochs without improvement before stopping; null = never")
+    min_epochs: int = Field(0, ge=0)
+    ordinal: bool = Field(False, description="labels are ordered: also report quadratic-weighted kappa")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap replicates for confidence intervals")
+    save_attention: bool = True
+
+
+class RuntimeConfig(_Section):
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    progress: bool = True
+    tensorboard: bool = Field(True, description="also log to RUN_DIR/tensorboard when tensorboard is installed")
+
+
+class RunConfig(_Section):
+    data: DataConfig
+    model: ModelSection = Field(default_factory=ModelSection)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message lists each bad key."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
+    return f"{source}: invalid config\n" + "\n".join(lines)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_set(items: list[str]) -> list[tuple[str, Any]]:
+    """["optim.lr=3e-4", ...] -> [("optim.lr", 0.0003), ...] (values parsed as YAML)."""
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
+        key, raw = item.split("=", 1)
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = (), base: dict | None = None) -> RunConfig:
+    """YAML file (optional) <- `base` (plain CLI flags as dotted keys) <- `overrides` (--set), validated."""
+    tree: dict = {}
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections (data, model, optim, eval, runtime)")
+        tree = loaded or {}
+    for key, value in list((base or {}).items()) + list(overrides):
+        _set_path(tree, key, value)
+    tree.setdefault("data", {})  # so that a missing data source gets the helpful message below
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None

@@ -1,0 +1,315 @@
+"""Training one fold: a short loop with early stopping, best checkpoint and exact resume.
+
+Per epoch: train on the training part, score the validation part, keep the best weights
+(`best.safetensors`), write `epochs.csv`, and save the full state (`state.safetensors`: weights,
+optimizer, schedule, RNG). Resuming from that state continues bit for bit. At the end the best
+weights predict the test part: `predictions.csv`, `attention.h5`, `metrics.json` (written last: its
+presence marks the fold as done).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_write, load_model, save_model
+from ..data import MILDataset, make_loader, set_epoch
+from ..data.splits import Fold
+from ..evaluate.metrics import HIGHER_IS_BETTER, classification_metrics
+from ..models import MILModel, create_model
+from .config import RunConfig
+from .distributed import Dist, all_gather, barrier
+from .state import load_state, save_state
+
+
+@dataclass
+class FoldParts:
+    train: MILDataset
+    val: MILDataset | None
+    test: MILDataset
+
+
+def _epoch_end_hook(fold: str, epoch: int) -> None:
+    """Called after each epoch's state is saved. Tests replace it to simulate an interruption."""
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, norm scales and other 1-D tensors are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR factor per optimizer step: linear warmup to 1, then cosine down to `min_ratio`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """None = full fp32. "auto": bf16 on GPUs that support it (else fp16), fp32 on CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """n / (C n_c): the mean weight over the training bags is 1 (absent classes get weight 0)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def predict(model: MILModel, data: MILDataset, ctx: Dist, *, batch_size: int, dtype: torch.dtype | None,
+            attention: bool = False, num_workers: int = 0) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """-> probabilities (n, C) in dataset order (and each bag's attention over its real instances).
+
+    Under torchrun every rank scores its share of each batch; the results are gathered on all ranks.
+    """
+    loader = make_loader(data, batch_size, train=False, num_replicas=ctx.world, rank=ctx.rank, num_workers=num_workers)
+    plan = loader.batch_sampler.step_plan()
+    results: dict[int, tuple] = {}
+    model.eval()
+    with torch.no_grad():
+        for batch, (_, stand_in) in zip(loader, plan):
+            if stand_in:
+                continue
+            batch = batch.to(ctx.device)
+            with _autocast(ctx.device, dtype):
+                out = model(batch.x, batch.mask)
+            probs = out.logits.float().softmax(-1).cpu().numpy()
+            att = out.attention.float().cpu().numpy() if attention else None
+            mask = batch.mask.cpu().numpy()
+            for row, index in enumerate(batch.index.tolist()):
+                results[index] = (probs[row], att[row][mask[row]] if attention else None)
+    merged: dict[int, tuple] = {}
+    for part in all_gather(results, ctx):
+        merged.update(part)
+    order = range(len(data))
+    probs = np.stack([merged[i][0] for i in order])
+    return probs, ([merged[i][1] for i in order] if attention else None)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _score(metrics: dict, monitor: str) -> tuple[float, float]:
+    """Comparable score, higher is better; ties on the monitored metric go to the lower validation loss."""
+    name = "nll" if monitor == "loss" else monitor
+    value = metrics[name] if HIGHER_IS_BETTER[name] else -metrics[name]
+    value = -math.inf if value is None or math.isnan(value) else value
+    return (value, -metrics["nll"])
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def _write_attention(path: Path, data: MILDataset, attention: list[np.ndarray], fold: Fold) -> None:
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({"fold": fold.fold, "seed": fold.seed, "fold_name": fold.name})
+            for bag_id, att in zip(data.bag_ids, attention):
+                f.create_dataset(bag_id, data=att.astype(np.float32))
+
+    atomic_write(path, write)
+
+
+class FoldTrainer:
+    """Trains and evaluates one fold of a run. All ranks call `run`; rank 0 writes the files."""
+
+    def __init__(self, config: RunConfig, ctx: Dist, classes: list[str], in_dim: int, checkpoint_extra: dict):
+        self.config = config
+        self.ctx = ctx
+        self.classes = classes
+        self.in_dim = in_dim
+        self.checkpoint_extra = checkpoint_extra
+        self.dtype = autocast_dtype(ctx.device, config.runtime.precision)
+
+    def _model(self, seed: int) -> MILModel:
+        torch.manual_seed(seed)
+        model = create_model(self.config.model.name, in_dim=self.in_dim, num_classes=len(self.classes),
+                             **self.config.model.overrides)
+        return model.to(self.ctx.device)
+
+    def run(self, fold: Fold, parts: FoldParts, fold_dir: Path, progress: bool = True) -> dict:
+        cfg, ctx = self.config, self.ctx
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        model = self._model(seed=fold.seed * 1000 + fold.fold)
+        wrapped = model
+        if ctx.enabled:
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=cfg.optim.betas)
+        train = parts.train
+        loader = make_loader(train, cfg.optim.batch_size, train=True, seed=fold.seed * 1000 + fold.fold,
+                             class_balanced=cfg.optim.class_balanced_sampling, num_workers=cfg.data.num_workers,
+                             num_replicas=ctx.world, rank=ctx.rank, pin_memory=ctx.device.type == "cuda")
+        steps_per_epoch = math.ceil(len(loader) / cfg.optim.grad_accum)
+        schedule = warmup_cosine(round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.epochs * steps_per_epoch,
+                                 cfg.optim.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
+        weight = class_weights(train.labels, len(self.classes)).to(ctx.device) if cfg.optim.class_weights else None
+
+        info = {"epoch": -1, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
+        state_path = fold_dir / "state.safetensors"
+        if state_path.exists():
+            info = load_state(state_path, model, optimizer, scheduler, scaler, ctx.rank)
+        writer = self._tensorboard(fold_dir, info["epoch"] + 1)
+
+        epochs = tqdm(range(info["epoch"] + 1, cfg.optim.epochs), desc=fold.name, leave=False, unit="epoch",
+                      disable=not (progress and ctx.is_main), initial=info["epoch"] + 1, total=cfg.optim.epochs)
+        for epoch in epochs:
+            set_epoch(loader, epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss = self._train_epoch(wrapped, model, loader, optimizer, scheduler, scaler, weight)
+            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
+            if parts.val is not None and len(parts.val):
+                probs, _ = predict(model, parts.val, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
+                                   num_workers=cfg.data.num_workers)
+                val = classification_metrics(parts.val.labels, probs, ordinal=cfg.eval.ordinal)
+                row.update({f"val_{k}": v for k, v in val.items()})
+                score = list(_score(val, cfg.eval.monitor))
+            else:  # no validation part: the last epoch is the one kept
+                score = [float(epoch), 0.0]
+            improved = info["best_score"] is None or score > info["best_score"]
+            if improved:
+                info.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+                if ctx.is_main:
+                    save_model(model, fold_dir / "best.safetensors", extra={**self.checkpoint_extra, "fold": fold.name,
+                                                                           "epoch": epoch})
+            else:
+                info["bad_epochs"] += 1
+            row["best"] = improved
+            info["epoch"] = epoch
+            info["history"].append(row)
+            stop = (cfg.eval.patience is not None and info["bad_epochs"] >= cfg.eval.patience
+                    and epoch + 1 >= cfg.eval.min_epochs)
+            info["stopped_early"] = stop
+            rng = all_gather(torch.get_rng_state(), ctx)
+            if ctx.is_main:
+                _write_csv(fold_dir / "epochs.csv", pd.DataFrame(info["history"]))
+                save_state(state_path, model, optimizer, scheduler, scaler, rng, info)
+                if writer is not None:
+                    for key, value in row.items():
+                        if isinstance(value, (int, float)) and key != "epoch":
+                            writer.add_scalar(key, value, epoch)
+            barrier(ctx)
+            epochs.set_postfix(loss=f"{train_loss:.3f}", **({cfg.eval.monitor: f"{row.get('val_' + cfg.eval.monitor, float('nan')):.3f}"}
+                                                          if parts.val is not None else {}))
+            _epoch_end_hook(fold.name, epoch)
+            if stop:
+                break
+        if writer is not None:
+            writer.close()
+        return self._test(fold, parts, fold_dir, info, time.time() - started)
+
+    def _train_epoch(self, wrapped, model, loader, optimizer, scheduler, scaler, weight) -> float:
+        """One pass; returns the mean weighted cross-entropy over the training bags (all ranks)."""
+        cfg, ctx = self.config, self.ctx
+        accum, clip = cfg.optim.grad_accum, cfg.optim.grad_clip
+        plan = loader.batch_sampler.step_plan()
+        model.train()
+        total, count = 0.0, 0
+        for step, (batch, (global_size, stand_in)) in enumerate(zip(loader, plan)):
+            group_start = step - step % accum
+            group_len = min(accum, len(plan) - group_start)
+            last_in_group = step == group_start + group_len - 1
+            batch = batch.to(ctx.device, non_blocking=True)
+            sync = wrapped.no_sync() if ctx.enabled and not last_in_group else contextlib.nullcontext()
+            with sync:
+                with _autocast(ctx.device, self.dtype):
+                    out = wrapped(batch.x, batch.mask)
+                ce = F.cross_entropy(out.logits.float(), batch.labels, weight=weight, reduction="none",
+                                     label_smoothing=cfg.optim.label_smoothing)
+                keep = 0.0 if stand_in else 1.0
+                # Sum over this rank's bags / global batch size, times world size (DDP averages over
+                # ranks): the gradient of the mean loss over the global batch, as in one process.
+                scale = keep * ctx.world / (global_size * group_len)
+                loss = ce.sum() * scale
+                for aux in out.aux_losses.values():
+                    loss = loss + aux.float() * len(batch) * scale
+                scaler.scale(loss).backward()
+            if last_in_group:
+                if clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            if not stand_in:
+                total += float(ce.detach().sum())
+                count += len(batch)
+        sums = all_gather((total, count), ctx)
+        return sum(t for t, _ in sums) / max(1, sum(c for _, c in sums))
+
+    def _tensorboard(self, fold_dir: Path, start_epoch: int):
+        if not (self.config.runtime.tensorboard and self.ctx.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(fold_dir / "tensorboard"), purge_step=start_epoch)
+
+    def _test(self, fold: Fold, parts: FoldParts, fold_dir: Path, info: dict, seconds: float) -> dict:
+        cfg, ctx = self.config, self.ctx
+        barrier(ctx)
+        model = load_model(fold_dir / "best.safetensors", device=str(ctx.device))
+        probs, attention = predict(model, parts.test, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
+                                   attention=cfg.eval.save_attention, num_workers=cfg.data.num_workers)
+        y = parts.test.labels
+        test = classification_metrics(y, probs, ordinal=cfg.eval.ordinal)
+        best_row = info["history"][info["best_epoch"]]  # history holds every epoch from 0, across resumes
+        metrics = {
+            "fold": fold.fold, "seed": fold.seed, "name": fold.name,
+            "best_epoch": info["best_epoch"], "epochs_run": info["epoch"] + 1,
+            "stopped_early": bool(info.get("stopped_early")),
+            "n_train": len(parts.train), "n_val": len(parts.val) if parts.val is not None else 0, "n_test": len(y),
+            "val": {k[4:]: v for k, v in best_row.items() if k.startswith("val_")},
+            "test": test,
+            "seconds": round(seconds, 1),
+        }
+        if ctx.is_main:
+            frame = pd.DataFrame({
+                "bag_id": parts.test.bag_ids, "patient_id": parts.test.patient_ids,
+                "fold": fold.fold, "seed": fold.seed,
+                "label": [self.classes[i] if i >= 0 else None for i in y],
+                "pred": [self.classes[i] for i in probs.argmax(1)],
+                **{f"prob_{c}": probs[:, i] for i, c in enumerate(self.classes)},
+            })
+            _write_csv(fold_dir / "predictions.csv", frame)
+            if attention is not None:
+                _write_attention(fold_dir / "attention.h5", parts.test, attention, fold)
+            atomic_write(fold_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+            (fold_dir / "state.safetensors").unlink(missing_ok=True)
+        barrier(ctx)
+        return metrics
