@@ -172,3 +172,35 @@ def test_torchrun_two_processes_match_one(digits, tmp_path):
     np.testing.assert_allclose(a["prob_positive"], b["prob_positive"], atol=1e-3)
     s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
     assert abs(s1["auroc"]["mean"] - s2["auroc"]["mean"]) < 0.01
+
+
+def test_multiclass_ordinal_bf16_and_early_stopping(tmp_path):
+    """Three ordered classes, bf16 autocast on CPU, and early stopping that keeps the best epoch."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(36):
+        grade = i % 3
+        n = int(rng.integers(5, 15))
+        x = rng.normal(size=(n, 16)).astype(np.float32)
+        x[: grade + 1, 0] += 3.0  # more witnesses for a higher grade
+        write_bag(tmp_path / "features" / f"b{i}.h5", x)
+        rows.append({"bag_id": f"b{i}", "label": ["low", "mid", "high"][grade]})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    config = load_config(None, [], dict(SMALL, **{
+        "data.table": tmp_path / "labels.csv", "data.features": tmp_path / "features",
+        "data.classes": ["low", "mid", "high"], "eval.ordinal": True, "eval.patience": 2, "optim.epochs": 30,
+        "runtime.precision": "bf16", "eval.folds": 3}))
+    summary = train_run(config, tmp_path / "run")
+    assert "kappa_quadratic" in summary and summary["auroc"]["n"] == 3
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert [c for c in predictions.columns if c.startswith("prob_")] == ["prob_low", "prob_mid", "prob_high"]
+    for fold in range(3):
+        metrics = json.loads((tmp_path / "run" / "folds" / f"seed0-fold{fold}" / "metrics.json").read_text())
+        epochs = pd.read_csv(tmp_path / "run" / "folds" / f"seed0-fold{fold}" / "epochs.csv")
+        assert len(epochs) == metrics["epochs_run"]
+        assert epochs.loc[epochs["best"], "epoch"].max() == metrics["best_epoch"]
+        if metrics["stopped_early"]:
+            assert metrics["epochs_run"] - 1 - metrics["best_epoch"] == 2  # patience 2
+        best = epochs.loc[metrics["best_epoch"]]
+        assert metrics["val"]["macro_f1"] == pytest.approx(best["val_macro_f1"])
+        assert (epochs["val_macro_f1"] <= best["val_macro_f1"] + 1e-12).all()  # the kept epoch is the best

@@ -87,16 +87,23 @@ def convert_official_cmd(src, dst, variant, in_dim, num_classes, **official):
 
 
 @main.command()
-@click.option("--model", "model_name", default="qgmil", show_default=True, help="Registered model name.")
-@click.option("--epochs", default=12, show_default=True)
+@click.option("--out", default="qgmil-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--datasets", help="Comma-separated built-in datasets (default: musk1,elephant,digit-bags).")
+@click.option("--models", help="Comma-separated models (default: qgmil,abmil_gated).")
+@click.option("--folds", default=5, show_default=True)
+@click.option("--epochs", default=30, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), help="Directory for the checkpoint.")
-def demo(model_name, epochs, seed, out):
-    """Train a model on the built-in digit-bags data and print test metrics (the quick start)."""
-    from .demo import run_demo
+def demo(out, datasets, models, folds, epochs, seed):
+    """Cross-validate QG-MIL and gated ABMIL on the built-in datasets and print the results (the quick start)."""
+    from pathlib import Path
 
-    metrics = run_demo(model_name, epochs=epochs, seed=seed, out_dir=out)
-    click.echo(json.dumps(metrics, indent=2))
+    from .demo import format_results, run_demo
+
+    table = run_demo(out, datasets.split(",") if datasets else None, models.split(",") if models else None,
+                     folds=folds, epochs=epochs, seed=seed)
+    click.echo("\n" + format_results(table))
+    click.echo(f"\nresults: {Path(out) / 'results.md'} (and results.csv, results.png); "
+               f"one run directory per dataset and model under {out}/")
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -1,94 +1,108 @@
-"""The quick-start job: train an aggregator on the built-in `digit-bags` data and report test metrics.
+"""The quick-start job: cross-validate QG-MIL and gated ABMIL on the built-in datasets, print the table.
 
-A deliberately small loop (the full training engine with cross-validation lives in `qgmil train`);
-it exercises the model contract end to end: padded batches, masks, attention, checkpoints.
+`qgmil demo` prepares musk1, elephant and digit-bags, runs 5-fold patient-level cross-validation of
+each model on each dataset through the training engine (`qgmil train`), and writes
+
+  OUT/results.md, OUT/results.csv   macro-F1, AUROC, calibration (mean ± std over folds) per dataset x model
+  OUT/results.png                   the same as bars with error bars
+  OUT/<dataset>/<model>/            one full run directory each (summary, predictions, attention, checkpoints)
+
+Interrupted? Run it again: finished runs and folds are kept.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
-import torch
-import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-from tqdm.auto import tqdm
+import pandas as pd
 
-from .checkpoint import load_model, save_model
-from .data import MILDataset, make_loader, make_splits, prepare_dataset, set_epoch
-from .models import create_model
+from .checkpoint import atomic_write
+from .train.config import load_config
+from .train.run import train_run
+
+DEMO_DATASETS: dict[str, dict] = {"musk1": {}, "elephant": {}, "digit-bags": {"bags": 200}}
+DEMO_MODELS = ["qgmil", "abmil_gated"]
+TABLE_METRICS = ["macro_f1", "auroc", "balanced_accuracy", "ece", "brier"]
 
 
-def _predict(model, dataset, batch_size):
-    """-> probabilities (n, C) in dataset order, and each bag's attention over its real instances."""
-    model.eval()
-    probs, attention = [None] * len(dataset), [None] * len(dataset)
-    with torch.no_grad():
-        for batch in make_loader(dataset, batch_size, train=False):
-            out = model(batch.x, batch.mask)
-            for row, i in enumerate(batch.index.tolist()):
-                probs[i] = out.logits[row].softmax(-1).numpy()
-                attention[i] = out.attention[row][batch.mask[row]].numpy()
-    return np.stack(probs), attention
+def attention_on_witnesses(run_dir: Path, data_dir: Path) -> float:
+    """Mean share of pooling attention on the true positive instances of positive test bags."""
+    predictions = pd.read_csv(run_dir / "predictions.csv", dtype={"bag_id": str})
+    shares = []
+    for fold_dir in sorted((run_dir / "folds").iterdir()):
+        with h5py.File(fold_dir / "attention.h5") as att:
+            for bag_id in predictions.loc[(predictions["label"] == "positive"), "bag_id"]:
+                if bag_id in att:
+                    with h5py.File(data_dir / "features" / f"{bag_id}.h5") as bag:
+                        witnesses = bag["instance_labels"][()] == 1
+                    shares.append(float(att[bag_id][()][witnesses].sum()))
+    return float(np.mean(shares)) if shares else float("nan")
 
 
 def run_demo(
-    model_name: str = "qgmil",
-    epochs: int = 12,
-    batch_size: int = 16,
-    lr: float = 2e-4,
+    out: str | Path = "qgmil-demo",
+    datasets: list[str] | None = None,
+    models: list[str] | None = None,
+    folds: int = 5,
+    epochs: int = 30,
     seed: int = 0,
-    out_dir: str | Path | None = None,
     progress: bool = True,
-) -> dict:
-    """Train `model_name` on digit-bags (fold 0 of a 4-fold patient-level split: 75/25) and return
-    test metrics. The dataset is prepared under `out_dir` (a temporary folder when None)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(out_dir) if out_dir is not None else Path(tmp)
-        return _run(model_name, epochs, batch_size, lr, seed, work, out_dir is not None, progress)
+) -> pd.DataFrame:
+    """Cross-validate `models` on `datasets`; returns (and writes) the results table."""
+    out = Path(out).resolve()
+    rows = []
+    for dataset in datasets or list(DEMO_DATASETS):
+        data_dir = out / "data" / dataset
+        for model in models or DEMO_MODELS:
+            run_dir = out / dataset / model
+            config = load_config(None, [], {
+                "data.builtin": dataset, "data.builtin_options": DEMO_DATASETS.get(dataset, {}),
+                "data.builtin_dir": data_dir, "model.name": model, "eval.folds": folds, "eval.seeds": [seed],
+                "optim.epochs": epochs, "optim.batch_size": 16, "optim.lr": 2e-4, "eval.patience": 10, "eval.min_epochs": 10,
+                "runtime.progress": progress, "runtime.tensorboard": False,
+            })
+            if progress:
+                print(f"== {model} on {dataset} ({folds}-fold cross-validation) -> {run_dir}", flush=True)
+            summary = train_run(config, run_dir, resume=(run_dir / "config.yaml").exists(), command=["qgmil", "demo"])
+            row = {"dataset": dataset, "model": model, "folds": summary["macro_f1"]["n"]}
+            for metric in TABLE_METRICS:
+                row[f"{metric}_mean"] = summary[metric]["mean"]
+                row[f"{metric}_std"] = summary[metric]["std"]
+            if dataset == "digit-bags":
+                row["attention_on_witnesses"] = attention_on_witnesses(run_dir, data_dir)
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    atomic_write(out / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(format_results(table) + "\n"))
+    try:
+        from .evaluate.plots import metric_bars
+
+        by_run = {f"{r['model']} / {r['dataset']}": {m: {"mean": r[f"{m}_mean"], "std": r[f"{m}_std"]}
+                                                    for m in ("macro_f1", "auroc")} for r in rows}
+        metric_bars(by_run, out / "results.png")
+    except ImportError:
+        pass  # plots are an optional extra
+    return table
 
 
-def _run(model_name, epochs, batch_size, lr, seed, work, keep_checkpoint, progress) -> dict:
-    torch.manual_seed(seed)
-    root = prepare_dataset("digit-bags", work / "digit-bags", seed=seed, progress=False)
-    data = MILDataset.from_table(root / "labels.csv", root / "features", cache="fp32")
-    fold = make_splits(data.table, folds=4, seeds=[seed], val_fraction=0).folds[0]
-    train, test = data.subset(fold.train), data.subset(fold.test)
-
-    model = create_model(model_name, in_dim=data.in_dim, num_classes=len(data.classes))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
-    loader = make_loader(train, batch_size, seed=seed)
-    for epoch in tqdm(range(epochs), desc=f"training {model_name}", disable=not progress):
-        set_epoch(loader, epoch)
-        model.train()
-        for batch in loader:
-            out = model(batch.x, batch.mask)
-            loss = F.cross_entropy(out.logits, batch.labels)
-            loss = loss + sum(out.aux_losses.values(), torch.zeros(()))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-    probs, attention = _predict(model, test, batch_size)
-    y = test.labels
-    pred = probs.argmax(1)
-    # Share of attention that lands on the positive digits of positive bags, against the share
-    # a uniform attention would give them.
-    positives = [i for i in range(len(test)) if y[i] == 1]
-    witnesses = {i: test.read_bag(i).extras["instance_labels"] == 1 for i in positives}
-    metrics = {
-        "model": model_name,
-        "test_bags": len(test),
-        "accuracy": float(accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, average="macro")),
-        "auroc": float(roc_auc_score(y, probs[:, 1])),
-        "attention_on_positive_instances": float(np.mean([attention[i][witnesses[i]].sum() for i in positives])),
-        "uniform_attention_on_positive_instances": float(np.mean([witnesses[i].mean() for i in positives])),
-    }
-    if keep_checkpoint:
-        path = save_model(model, work / "model.safetensors", extra={"dataset": "digit-bags", "classes": data.classes})
-        reloaded_probs, _ = _predict(load_model(path), test, batch_size)
-        metrics["checkpoint"] = str(path)
-        metrics["checkpoint_roundtrip_max_abs_diff"] = float(np.abs(reloaded_probs - probs).max())
-    return metrics
+def format_results(table: pd.DataFrame) -> str:
+    """Markdown: one row per dataset x model, mean ± std over folds; the best macro-F1 per dataset in bold."""
+    names = {"macro_f1": "macro-F1", "auroc": "AUROC", "balanced_accuracy": "bal. acc.", "ece": "ECE", "brier": "Brier"}
+    header = ["dataset", "model"] + [names[m] for m in TABLE_METRICS]
+    with_witness = "attention_on_witnesses" in table
+    if with_witness:
+        header.append("attention on witnesses")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = table.groupby("dataset")["macro_f1_mean"].transform("max")
+    for (_, row), top in zip(table.iterrows(), best):
+        cells = [row["dataset"], row["model"]]
+        for metric in TABLE_METRICS:
+            cell = f"{row[f'{metric}_mean']:.3f} ± {row[f'{metric}_std']:.3f}"
+            cells.append(f"**{cell}**" if metric == "macro_f1" and row["macro_f1_mean"] == top else cell)
+        if with_witness:
+            value = row.get("attention_on_witnesses")
+            cells.append("" if pd.isna(value) else f"{value:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
