@@ -204,3 +204,14 @@ def test_multiclass_ordinal_bf16_and_early_stopping(tmp_path):
         best = epochs.loc[metrics["best_epoch"]]
         assert metrics["val"]["macro_f1"] == pytest.approx(best["val_macro_f1"])
         assert (epochs["val_macro_f1"] <= best["val_macro_f1"] + 1e-12).all()  # the kept epoch is the best
+
+
+def test_tensorboard_log_when_installed(digits, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_run(small_config(digits, **{"runtime.tensorboard": True, "eval.folds": 2, "optim.epochs": 2}), tmp_path / "r")
+    events = EventAccumulator(str(tmp_path / "r" / "folds" / "seed0-fold0" / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "val_macro_f1", "lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train_loss")] == [0, 1]

@@ -184,8 +184,11 @@ class FoldTrainer:
             info = load_state(state_path, model, optimizer, scheduler, scaler, ctx.rank)
         writer = self._tensorboard(fold_dir, info["epoch"] + 1)
 
-        epochs = tqdm(range(info["epoch"] + 1, cfg.optim.epochs), desc=fold.name, leave=False, unit="epoch",
-                      disable=not (progress and ctx.is_main), initial=info["epoch"] + 1, total=cfg.optim.epochs)
+        # A fold that stopped early and was interrupted while testing must not train on.
+        start = cfg.optim.epochs if info.get("stopped_early") else info["epoch"] + 1
+        epochs = tqdm(range(start, cfg.optim.epochs), desc=fold.name, leave=False, unit="epoch",
+                      disable=not (progress and ctx.is_main), initial=start, total=cfg.optim.epochs)
+        shown = "val_" + ("nll" if cfg.eval.monitor == "loss" else cfg.eval.monitor)
         for epoch in epochs:
             set_epoch(loader, epoch)
             lr = optimizer.param_groups[0]["lr"]
@@ -222,8 +225,7 @@ class FoldTrainer:
                         if isinstance(value, (int, float)) and key != "epoch":
                             writer.add_scalar(key, value, epoch)
             barrier(ctx)
-            epochs.set_postfix(loss=f"{train_loss:.3f}", **({cfg.eval.monitor: f"{row.get('val_' + cfg.eval.monitor, float('nan')):.3f}"}
-                                                          if parts.val is not None else {}))
+            epochs.set_postfix({"loss": f"{train_loss:.3f}", **({shown: f"{row[shown]:.3f}"} if shown in row else {})})
             _epoch_end_hook(fold.name, epoch)
             if stop:
                 break
