@@ -51,6 +51,32 @@ def test_shapes_and_attention_contract(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_labels_auxiliary_losses_and_branch_attention(name):
+    """Training with bag labels: auxiliary losses are finite scalars that backpropagate; in eval mode
+    labels change nothing and no auxiliary loss is computed."""
+    model = make(name).train()
+    x, mask = pad_bags(bags(9, 4, 6))
+    labels = torch.tensor([0, 2, 1])
+    torch.manual_seed(0)
+    out = model(x, mask, labels=labels)
+    for key, value in out.aux_losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), key
+    loss = torch.nn.functional.cross_entropy(out.logits, labels) + sum(out.aux_losses.values(), torch.zeros(()))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad():
+        with_labels, without = model(x, mask, labels=labels), model(x, mask)
+    torch.testing.assert_close(with_labels.logits, without.logits, rtol=0, atol=0)
+    assert not without.aux_losses
+    if without.branch_attention is not None:
+        branches = without.branch_attention
+        assert branches.shape[0] == 3 and branches.shape[2] == 9
+        torch.testing.assert_close(branches.sum(-1), torch.ones(branches.shape[:2]))
+        assert (branches.permute(0, 2, 1)[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("pad_value", [0.0, 1e4, float("nan"), float("inf")])
 def test_padding_does_not_change_anything(name, pad_value):
     model = make(name)

@@ -1,7 +1,8 @@
-"""Aggregators. Importing this package registers every model."""
+"""Aggregators, one architecture per module. Importing this package registers every model."""
 
-from . import qgmil  # noqa: F401  (registers the QG-MIL presets)
-from . import abmil  # noqa: F401  (registers the ABMIL presets)
+import importlib
+import pkgutil
+
 from .base import MILModel, MILOutput, ModelConfig
 from .qgmil import ABLATION_SET, QGMIL, QGMILConfig
 from .registry import create_model, list_models, model_entry, register_model
@@ -18,3 +19,9 @@ __all__ = [
     "model_entry",
     "register_model",
 ]
+
+# Every other module of this package is an architecture that registers its presets on import:
+# a new model file needs no edit here.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "registry"):
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -107,8 +107,10 @@ class ABMIL(MILModel):
         self.pool = GatedAttentionPool(cfg.dim, cfg.attn_dim) if cfg.gated else AttentionPool(cfg.dim, cfg.attn_dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
-        """x (B, N, in_dim), mask (B, N) bool, True = real instance."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None
+    ) -> MILOutput:
+        """x (B, N, in_dim), mask (B, N) bool, True = real instance; labels unused (no auxiliary loss)."""
         x, mask = as_batch(x, mask, self.config.in_dim)
         chunk = None if torch.is_grad_enabled() else self.inference_chunk
         h = map_instances(self.embed, x, chunk=chunk)  # (B, N, dim)

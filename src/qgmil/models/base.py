@@ -18,13 +18,17 @@ class MILOutput:
     attention: (B, N) pooling weights over instances; sum to 1 over real instances, exactly 0 on padding.
     embedding: (B, D) pooled bag embedding that the classifier head sees.
     layer_attention: per transformer layer (B, H, N, N), only when asked for (small bags).
-    aux_losses: named auxiliary loss terms, already weighted, that training adds to the task loss.
+    branch_attention: (B, K, N) for multi-branch models (one attention per class or branch), else None;
+        `attention` is then the one the bag prediction uses (or their mean), documented per model.
+    aux_losses: named auxiliary loss terms (scalars: means over the batch's bags, already weighted) that
+        training adds to the cross-entropy. Models fill it only in training mode when given `labels`.
     """
 
     logits: torch.Tensor
     attention: torch.Tensor
     embedding: torch.Tensor
     layer_attention: list[torch.Tensor] | None = None
+    branch_attention: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -86,5 +90,9 @@ class MILModel(nn.Module):
         self.config = config
         self.name = self.arch
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:  # pragma: no cover
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None
+    ) -> MILOutput:  # pragma: no cover
+        """x (B, N, in_dim) or (N, in_dim); mask (B, N) bool, True = real instance; labels (B,) int64 bag
+        labels, only for models whose training objective needs them (auxiliary losses); others ignore them."""
         raise NotImplementedError

@@ -161,7 +161,8 @@ class QGMIL(MILModel):
         self.apply(_init_weights)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, return_layer_attention: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, return_layer_attention: bool = False,
+        *, labels: torch.Tensor | None = None,
     ) -> MILOutput:
         """x (B, N, in_dim), mask (B, N) bool, True = real instance. `return_layer_attention` adds the
         (B, H, N, N) softmax of every layer (with "cls" pooling N + 1, the CLS token first): small bags only."""
@@ -233,6 +234,9 @@ PRESETS: dict[str, dict] = {
     "qgmil_wo_qknorm": dict(OFFICIAL, qk_norm=False),
     "qgmil_wo_gate": dict(OFFICIAL, gate="none"),
     "qgmil_wo_swiglu": dict(OFFICIAL, ffn="mlp", act="gelu"),
+    # The "without QG-MIL parts" reference: a plain pre-LayerNorm transformer (no QK-norm, no gate,
+    # GELU MLP) with the same gated attention pooling and head.
+    "transformer_mil": dict(OFFICIAL, norm="layer", qk_norm=False, gate="none", ffn="mlp", act="gelu"),
 }
 
 DESCRIPTIONS = {
@@ -248,6 +252,7 @@ DESCRIPTIONS = {
     "qgmil_wo_qknorm": "ablation: no QK-norm, all else as qgmil",
     "qgmil_wo_gate": "ablation: no output gate, all else as qgmil",
     "qgmil_wo_swiglu": "ablation: GELU MLP instead of SwiGLU, all else as qgmil",
+    "transformer_mil": "baseline: plain pre-LayerNorm transformer + gated attention pooling (all four parts off)",
 }
 
 #: The clean one-component-off ablation set, with the full model first.

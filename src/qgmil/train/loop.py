@@ -164,7 +164,8 @@ class FoldTrainer:
         wrapped = model
         if ctx.enabled:
             wrapped = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                find_unused_parameters=True)  # e.g. CLAM trains only the instance classifiers of the bag's class
         optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=cfg.optim.betas)
         train = parts.train
@@ -248,7 +249,7 @@ class FoldTrainer:
             sync = wrapped.no_sync() if ctx.enabled and not last_in_group else contextlib.nullcontext()
             with sync:
                 with _autocast(ctx.device, self.dtype):
-                    out = wrapped(batch.x, batch.mask)
+                    out = wrapped(batch.x, batch.mask, labels=batch.labels)
                 ce = F.cross_entropy(out.logits.float(), batch.labels, weight=weight, reduction="none",
                                      label_smoothing=cfg.optim.label_smoothing)
                 keep = 0.0 if stand_in else 1.0
