@@ -118,6 +118,8 @@ def train_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = F
     progress = config.runtime.progress and ctx.is_main
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # splits of a start that failed before config.yaml was written: not this run's
+            (out / "splits.json").unlink(missing_ok=True)
     barrier(ctx)
 
     table, features = _prepare_data(config, out, ctx)
