@@ -61,12 +61,14 @@ def max_pool(x: torch.Tensor, mask: torch.Tensor | None = None):
     """Channel-wise max over real instances.
 
     The attention of an instance is the share of channels whose maximum it holds, the exact
-    contribution of each instance to the pooled vector.
+    contribution of each instance to the pooled vector. A channel whose maximum several instances
+    hold (common after a ReLU: all zero) is split equally between them, so the attention does not
+    depend on the order of the instances; `amax` spreads the gradient over them the same way.
     """
     if mask is not None:
         x = x.masked_fill(~mask.unsqueeze(-1), float("-inf"))
-    pooled, winners = x.max(dim=1)  # (B, D) each
-    attention = x.new_zeros(x.shape[:2]).scatter_add_(
-        1, winners, x.new_full(winners.shape, 1.0 / x.shape[-1])
-    )
-    return pooled, attention
+    pooled = x.amax(dim=1)  # (B, D)
+    holds = x == pooled.unsqueeze(1)  # (B, N, D); padding (-inf) never holds a maximum of real values
+    share = 1.0 / (holds.sum(1).float() * x.shape[-1])  # (B, D): each channel's 1/D split over its holders
+    attention = torch.bmm(holds.float(), share.unsqueeze(-1)).squeeze(-1)
+    return pooled, attention.to(x.dtype)

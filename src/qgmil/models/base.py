@@ -82,6 +82,9 @@ class MILModel(nn.Module):
     arch: ClassVar[str]
     Config: ClassVar[type[ModelConfig]]
 
+    permutation_invariant: ClassVar[bool] = True
+    """False for models that depend on instance order by design (e.g. TransMIL's PPEG grid)."""
+
     inference_chunk: int | None = 8192
     """Instances per chunk for position-wise layers when no gradient is recorded (memory only, not numerics)."""
 
