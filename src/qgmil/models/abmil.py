@@ -35,7 +35,7 @@ from torch import nn
 
 from ..layers import GatedAttentionPool, map_instances, masked_softmax, weighted_sum
 from .base import MILModel, MILOutput, ModelConfig, as_batch
-from .registry import register_arch, register_model
+from .registry import register_arch, register_presets
 
 
 class ABMILConfig(ModelConfig):
@@ -133,12 +133,4 @@ DESCRIPTIONS = {
 }
 
 
-def _register_preset(name: str, preset: dict) -> None:
-    def factory(in_dim: int, num_classes: int, **overrides) -> ABMIL:
-        return ABMIL(ABMILConfig(**{**preset, "in_dim": in_dim, "num_classes": num_classes, **overrides}))
-
-    register_model(name, DESCRIPTIONS[name])(factory)
-
-
-for _name, _preset in PRESETS.items():
-    _register_preset(_name, _preset)
+register_presets(ABMIL, PRESETS, DESCRIPTIONS)

@@ -69,7 +69,7 @@ from torch import nn
 from ..layers import map_instances, masked_softmax
 from .abmil import ABMILEmbed
 from .base import MILModel, MILOutput, ModelConfig, as_batch
-from .registry import register_arch, register_model
+from .registry import register_arch, register_presets
 
 OFFICIAL_BAG_WEIGHT = 0.7
 
@@ -268,12 +268,4 @@ DESCRIPTIONS = {
 }
 
 
-def _register_preset(name: str, preset: dict) -> None:
-    def factory(in_dim: int, num_classes: int, **overrides) -> CLAM:
-        return CLAM(CLAMConfig(**{**preset, "in_dim": in_dim, "num_classes": num_classes, **overrides}))
-
-    register_model(name, DESCRIPTIONS[name])(factory)
-
-
-for _name, _preset in PRESETS.items():
-    _register_preset(_name, _preset)
+register_presets(CLAM, PRESETS, DESCRIPTIONS)

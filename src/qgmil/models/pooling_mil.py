@@ -31,7 +31,7 @@ from torch import nn
 from ..layers import map_instances, max_pool, mean_pool
 from .abmil import ABMILEmbed
 from .base import MILModel, MILOutput, ModelConfig, as_batch
-from .registry import register_arch, register_model
+from .registry import register_arch, register_presets
 
 
 class PoolingMILConfig(ModelConfig):
@@ -91,12 +91,4 @@ DESCRIPTIONS = {
 }
 
 
-def _register_preset(name: str, preset: dict) -> None:
-    def factory(in_dim: int, num_classes: int, **overrides) -> PoolingMIL:
-        return PoolingMIL(PoolingMILConfig(**{**preset, "in_dim": in_dim, "num_classes": num_classes, **overrides}))
-
-    register_model(name, DESCRIPTIONS[name])(factory)
-
-
-for _name, _preset in PRESETS.items():
-    _register_preset(_name, _preset)
+register_presets(PoolingMIL, PRESETS, DESCRIPTIONS)

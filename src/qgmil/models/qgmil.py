@@ -31,7 +31,7 @@ from torch import nn
 
 from ..layers import GatedAttentionPool, GatedSelfAttention, make_ffn, make_norm, map_instances, max_pool, mean_pool
 from .base import MILModel, MILOutput, ModelConfig, as_batch
-from .registry import register_arch, register_model
+from .registry import register_arch, register_presets
 
 
 class QGMILConfig(ModelConfig):
@@ -259,12 +259,4 @@ DESCRIPTIONS = {
 ABLATION_SET = ["qgmil", "qgmil_wo_rmsnorm", "qgmil_wo_qknorm", "qgmil_wo_gate", "qgmil_wo_swiglu"]
 
 
-def _register_preset(name: str, preset: dict) -> None:
-    def factory(in_dim: int, num_classes: int, **overrides) -> QGMIL:
-        return QGMIL(QGMILConfig(**{**preset, "in_dim": in_dim, "num_classes": num_classes, **overrides}))
-
-    register_model(name, DESCRIPTIONS[name])(factory)
-
-
-for _name, _preset in PRESETS.items():
-    _register_preset(_name, _preset)
+register_presets(QGMIL, PRESETS, DESCRIPTIONS)

@@ -38,6 +38,16 @@ def register_model(name: str, description: str = ""):
     return wrap
 
 
+def register_presets(cls: type[MILModel], presets: dict[str, dict], descriptions: dict[str, str]) -> None:
+    """Register each preset (name -> config fields) of architecture `cls` as a model."""
+    for name, preset in presets.items():
+
+        def factory(in_dim: int, num_classes: int, _preset=preset, **overrides) -> MILModel:
+            return cls(cls.Config(**{**_preset, "in_dim": in_dim, "num_classes": num_classes, **overrides}))
+
+        register_model(name, descriptions[name])(factory)
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, e.g. "qgmil*"."""
     return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
