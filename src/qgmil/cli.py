@@ -293,3 +293,53 @@ def predict(source, data, features, out, batch_size, device, **kw):
     frame = predict_bags(source, data, out, features=features, columns=_columns(kw), batch_size=batch_size,
                          device=device)
     click.echo(f"{len(frame)} bags predicted; wrote {out}/predictions.csv and {out}/attention.h5")
+
+
+# --- explaining runs ----------------------------------------------------------------------------
+
+@main.group()
+def explain():
+    """Analyse what trained models attend to, from their run directories."""
+
+
+@explain.command("mass")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the tables and figures.")
+def explain_mass(run_dirs, out):
+    """How concentrated is the test attention of each RUN_DIR (entropy, effective instances, top-k mass,
+    Gini; attention on positive instances where the bags have instance labels)?
+
+    Writes OUT/mass_per_bag.csv, mass_summary.csv, mass_summary.md, lorenz.png and mass_boxplots.png.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from .checkpoint import atomic_write
+    from .explain.mass import format_summary, load_run, summarize
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [load_run(d) for d in run_dirs]
+    names = [f"{r.model} / {r.dataset}" for r in runs]
+    names = [f"{n} ({r.run_dir.name})" if names.count(n) > 1 else n for n, r in zip(names, runs)]
+    frames = [r.metrics() for r in runs]
+    frame = pd.concat(frames, ignore_index=True)
+    summary = summarize(frame)
+    table = format_summary(summary)
+    atomic_write(out / "mass_per_bag.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write(out / "mass_summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    atomic_write(out / "mass_summary.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    written = [out / "mass_per_bag.csv", out / "mass_summary.csv", out / "mass_summary.md"]
+    try:
+        from .explain.mass_plots import lorenz_plot, mass_boxplots
+
+        grid = np.linspace(0.0, 1.0, 201)
+        written.append(lorenz_plot({n: r.lorenz(grid) for n, r in zip(names, runs)}, grid, out / "lorenz.png"))
+        labels = pd.Series(np.repeat(names, [len(f) for f in frames]))
+        written.append(mass_boxplots(frame, labels, out / "mass_boxplots.png"))
+    except ImportError as err:
+        click.echo(f"no figures: {err}", err=True)
+    click.echo(table)
+    click.echo("\nwrote " + ", ".join(str(p) for p in written))

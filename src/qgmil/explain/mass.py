@@ -1,0 +1,276 @@
+"""Attention-mass analysis: how concentrated is a model's pooling attention, and where does it go?
+
+All formulas are exact (numpy, float64) on a bag's attention a = (a_1..a_N), a_i >= 0, sum a_i = 1
+(inputs summing to 1 within 1e-3 are renormalised; anything else is an error):
+
+  norm_entropy        H(a) / log N with H(a) = -sum a_i log a_i (0 log 0 = 0): 1 = uniform, 0 = one-hot.
+                      N == 1: defined as 1.0 (the only distribution over one instance is the uniform one).
+  effective_n         1 / sum a_i^2 (the inverse Simpson index): N when uniform, 1 when one-hot.
+  effective_fraction  effective_n / N, in [1/N, 1].
+  top_<p>pct_mass     mass of the ceil(p N / 100) largest weights (at least 1), p = 1, 5, 10
+                      (uniform: ceil(p N / 100) / N; computed in integers, so ceil(10 * 30 / 100) = 3).
+  top_<k>_mass        mass of the min(k, N) largest weights, k = 1, 5, 10.
+  gini                the standard Gini coefficient of the weights, sum_ij |a_i - a_j| / (2 N^2 mean(a))
+                      = 2 sum_i i a_(i) / N - (N + 1) / N with a_(1) <= ... <= a_(N):
+                      0 when uniform, (N - 1) / N when one-hot (so its maximum grows with N).
+  max_weight          max a_i.
+  n_instances         N.
+
+Localisation against per-instance labels (1 / nonzero = positive, "witness"):
+
+  attention_on_positives  sum of a_i over positive instances; NaN when the bag has no positive instance.
+  positive_share          share of positive instances = the mass uniform attention would put on them.
+  instance_auroc          P(a_pos > a_neg) + 0.5 P(a_pos == a_neg) over all (positive, negative) pairs
+                          (Mann-Whitney U / (n_pos n_neg), ties count half); NaN with one class only.
+  n_positive              number of positive instances.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+
+TOP_PERCENT = (1, 5, 10)
+TOP_K = (1, 5, 10)
+BAG_COLUMNS = ("bag_id", "fold", "seed", "label")
+LOCALISATION = ("attention_on_positives", "positive_share", "instance_auroc", "n_positive")
+#: the metrics of the summary table and the box plots: column -> display name
+MAIN_METRICS = {"norm_entropy": "normalised entropy", "effective_fraction": "effective fraction",
+                "top_10pct_mass": "top-10% mass", "gini": "Gini", "max_weight": "max weight"}
+LOCALISATION_MAIN = {"attention_on_positives": "attention on positives", "instance_auroc": "instance AUROC"}
+
+
+class MassError(ValueError):
+    """A run directory that cannot be analysed; the message names it."""
+
+
+def _check_attention(a) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 1:
+        raise ValueError(f"attention must be 1-D, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError("attention is empty")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("attention holds NaN or Inf")
+    if np.any(a < 0):
+        raise ValueError("attention holds negative weights")
+    total = a.sum()
+    if abs(total - 1.0) > 1e-3:
+        raise ValueError(f"attention must sum to 1 (within 1e-3), sums to {total:.6g}")
+    return a / total
+
+
+def bag_metrics(a, top_k: Sequence[int] = TOP_K, top_percent: Sequence[int] = TOP_PERCENT) -> dict:
+    """Concentration metrics of one bag's attention (see the module docstring for the formulas)."""
+    a = _check_attention(a)
+    n = a.size
+    nz = a[a > 0]
+    entropy = float(-(nz * np.log(nz)).sum())
+    desc = np.sort(a)[::-1]
+    cum = np.cumsum(desc)
+    asc = desc[::-1]
+    out = {"n_instances": n,
+           "norm_entropy": 1.0 if n == 1 else entropy / math.log(n),
+           "effective_n": float(1.0 / np.square(a).sum())}
+    out["effective_fraction"] = out["effective_n"] / n
+    for p in top_percent:
+        k = max(1, -(-int(p) * n // 100))  # ceil(p n / 100) in integers
+        out[f"top_{p}pct_mass"] = float(cum[min(k, n) - 1])
+    for k in top_k:
+        out[f"top_{k}_mass"] = float(cum[min(int(k), n) - 1])
+    out["gini"] = float(2.0 * np.dot(np.arange(1, n + 1), asc) / n - (n + 1) / n)
+    out["max_weight"] = float(desc[0])
+    return out
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts  # ranks before each group
+    return (starts + (counts + 1) / 2.0)[inverse]
+
+
+def localisation(a, instance_labels) -> dict:
+    """Where the attention goes relative to per-instance labels (see the module docstring)."""
+    a = _check_attention(a)
+    labels = np.asarray(instance_labels).reshape(-1)
+    if labels.shape != a.shape:
+        raise ValueError(f"{labels.size} instance labels for {a.size} attention weights")
+    pos = labels != 0
+    n_pos = int(pos.sum())
+    n_neg = a.size - n_pos
+    auroc = float("nan")
+    if n_pos and n_neg:
+        ranks = _average_ranks(a)
+        u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+        auroc = float(u / (n_pos * n_neg))
+    return {"attention_on_positives": float(a[pos].sum()) if n_pos else float("nan"),
+            "positive_share": n_pos / a.size, "instance_auroc": auroc, "n_positive": n_pos}
+
+
+def lorenz_curve(a, grid: np.ndarray) -> np.ndarray:
+    """Cumulative attention of the instances sorted by decreasing weight at instance fractions `grid`
+    (piecewise linear through (i / N, mass of the i largest), i = 0..N)."""
+    a = _check_attention(a)
+    x = np.arange(a.size + 1) / a.size
+    y = np.concatenate([[0.0], np.cumsum(np.sort(a)[::-1])])
+    return np.interp(grid, x, y)
+
+
+# --- run directories -----------------------------------------------------------------------------
+
+@dataclass
+class RunAttention:
+    """A run's test attention: one entry per (bag, fold, seed) row of its predictions.csv."""
+
+    run_dir: Path
+    model: str
+    dataset: str
+    rows: pd.DataFrame  # bag_id, fold, seed, label
+    attention: list[np.ndarray] = field(default_factory=list)
+    instance_labels: list[np.ndarray | None] = field(default_factory=list)
+
+    def metrics(self) -> pd.DataFrame:
+        records = []
+        with_labels = any(lab is not None for lab in self.instance_labels)
+        for row, a, labels in zip(self.rows.itertuples(index=False), self.attention, self.instance_labels):
+            try:
+                rec = {"model": self.model, "dataset": self.dataset, "run_dir": str(self.run_dir),
+                       **{c: getattr(row, c) for c in BAG_COLUMNS}, **bag_metrics(a)}
+                if with_labels:
+                    rec.update(localisation(a, labels) if labels is not None else dict.fromkeys(LOCALISATION, np.nan))
+            except ValueError as err:
+                raise MassError(f"{self.run_dir}: bag {row.bag_id} (seed {row.seed}, fold {row.fold}): {err}") from None
+            records.append(rec)
+        return pd.DataFrame(records)
+
+    def lorenz(self, grid: np.ndarray) -> np.ndarray:
+        """(bags, len(grid)) Lorenz curves."""
+        return np.stack([lorenz_curve(a, grid) for a in self.attention]) if self.attention else np.empty((0, grid.size))
+
+
+def _dataset_location(run_dir: Path, config) -> tuple[str, Path, Path]:
+    data = config.data
+    if data.builtin is not None:
+        root = Path(data.builtin_dir) if data.builtin_dir else run_dir / "data" / data.builtin
+        return data.builtin, root / "labels.csv", root / "features"
+    return Path(data.table).parent.name, Path(data.table), Path(data.features) if data.features else None
+
+
+def _read_instance_labels(files: Iterable[Path]) -> np.ndarray | None:
+    from ..data import read_bag
+
+    parts = []
+    for path in files:
+        path = Path(path)
+        if path.suffix.lower() in (".h5", ".hdf5"):
+            with h5py.File(path, "r") as f:
+                labels = f["instance_labels"][()] if "instance_labels" in f else None
+        else:
+            labels = read_bag(path).extras.get("instance_labels")
+        if labels is None:
+            return None
+        parts.append(np.asarray(labels).reshape(-1))
+    return np.concatenate(parts) if parts else None
+
+
+def load_run(run_dir: str | Path) -> RunAttention:
+    """Read a training run's test attention (folds/*/attention.h5) and its bags' instance labels, if any."""
+    from ..data import MILDataset
+    from ..train.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file() or not (run_dir / "config.yaml").is_file():
+        raise MassError(f"{run_dir}: not a qgmil run directory (no run.json / config.yaml)")
+    if not (run_dir / "predictions.csv").is_file():
+        raise MassError(f"{run_dir}: no predictions.csv (the run has not finished)")
+    files = sorted((run_dir / "folds").glob("*/attention.h5")) if (run_dir / "folds").is_dir() else []
+    if not files:
+        raise MassError(f"{run_dir}: no folds/*/attention.h5 (was the run trained with eval.save_attention=false?)")
+    config = load_config(run_dir / "config.yaml")
+    classes = json.loads((run_dir / "run.json").read_text()).get("classes")
+    dataset, table, features = _dataset_location(run_dir, config)
+
+    predictions = pd.read_csv(run_dir / "predictions.csv", dtype={"bag_id": str, "patient_id": str})
+    attention: dict[tuple[str, int, int], np.ndarray] = {}
+    for path in files:
+        with h5py.File(path, "r") as f:
+            fold, seed = int(f.attrs["fold"]), int(f.attrs["seed"])
+            for bag_id in f:
+                attention[(bag_id, fold, seed)] = f[bag_id][()]
+    keys = list(zip(predictions["bag_id"], predictions["fold"].astype(int), predictions["seed"].astype(int)))
+    keep = [k in attention for k in keys]
+    rows = predictions.loc[keep, list(BAG_COLUMNS)].reset_index(drop=True)
+    if rows.empty:
+        raise MassError(f"{run_dir}: no test bag of predictions.csv has attention in folds/*/attention.h5")
+
+    unit_files: dict[str, tuple] = {}
+    try:
+        data = MILDataset.from_table(table, features, columns=config.data.columns, classes=classes,
+                                     bag_unit=config.data.bag_unit)
+        unit_files = {u.bag_id: u.files for u in data.units}
+    except (ValueError, OSError) as err:  # DataError is a ValueError
+        warnings.warn(f"{run_dir}: cannot read the dataset ({err}); no localisation metrics", stacklevel=2)
+    label_cache: dict[str, np.ndarray | None] = {}
+    run = RunAttention(run_dir, config.model.name, dataset, rows)
+    for k, ok in zip(keys, keep):
+        if not ok:
+            continue
+        a = attention[k]
+        if k[0] not in label_cache:
+            label_cache[k[0]] = _read_instance_labels(unit_files[k[0]]) if k[0] in unit_files else None
+        labels = label_cache[k[0]]
+        if labels is not None and labels.size != a.size:
+            raise MassError(f"{run_dir}: bag {k[0]}: attention over {a.size} instances, "
+                            f"but its feature files hold {labels.size} instance labels")
+        run.attention.append(a)
+        run.instance_labels.append(labels)
+    return run
+
+
+def run_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """One row per test bag (and seed): model, dataset, run_dir, bag_id, fold, seed, label, the
+    `bag_metrics`, and the `localisation` columns when the bags have instance labels."""
+    return load_run(run_dir).metrics()
+
+
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    skip = {"model", "dataset", "run_dir", *BAG_COLUMNS}
+    return [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per model x dataset: bags, and <metric>_mean / _std / _median of every metric (NaN skipped)."""
+    rows = []
+    for (model, dataset), group in frame.groupby(["model", "dataset"], sort=False):
+        row = {"model": model, "dataset": dataset, "bags": len(group)}
+        for col in metric_columns(frame):
+            values = group[col].astype(float)
+            row[f"{col}_mean"] = values.mean()
+            row[f"{col}_std"] = values.std()
+            row[f"{col}_median"] = values.median()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """Markdown table: model, dataset, bags, mean ± std of the main metrics (and localisation if any)."""
+    metrics = dict(MAIN_METRICS)
+    metrics.update({k: v for k, v in LOCALISATION_MAIN.items() if f"{k}_mean" in summary})
+    header = ["model", "dataset", "bags", *metrics.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in summary.iterrows():
+        cells = [str(row["model"]), str(row["dataset"]), str(int(row["bags"]))]
+        for key in metrics:
+            mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+            cells.append("n/a" if pd.isna(mean) else f"{mean:.3f} ± {0.0 if pd.isna(std) else std:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
