@@ -343,3 +343,48 @@ def explain_mass(run_dirs, out):
         click.echo(f"no figures: {err}", err=True)
     click.echo(table)
     click.echo("\nwrote " + ", ".join(str(p) for p in written))
+
+
+# --- benchmarks ---------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("bench_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--datasets", help="Comma-separated built-in datasets or dataset directories (labels.csv + features/).")
+@click.option("--models", help="Comma-separated models; groups: ablation, baselines; patterns such as 'qgmil*'.")
+@click.option("--folds", type=int, help="Cross-validation folds per cell (default 5).")
+@click.option("--seeds", help="Comma-separated seeds, one k-fold each (default 0).")
+@click.option("--epochs", type=int, help="Maximum epochs (optim.epochs), for every cell.")
+@click.option("--batch-size", type=int, help="Bags per step (optim.batch_size), for every cell.")
+@click.option("--lr", type=float, help="Peak learning rate (optim.lr), for every cell.")
+@click.option("--device", help="auto, cpu, cuda, cuda:1 (runtime.device).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Run-config key for every cell, e.g. eval.patience=5.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark directory.")
+@click.option("--shard", metavar="I/N", help="Run only the cells with index % N == I (split the grid over machines).")
+@click.option("--report-only", is_flag=True, help="Train nothing; rebuild the tables from the finished cells.")
+@click.option("--progress", is_flag=True, help="Also show per-fold progress bars.")
+def benchmark(bench_file, datasets, models, folds, seeds, epochs, batch_size, lr, device, sets, out, shard,
+              report_only, progress):
+    """Cross-validate every model on every dataset into --out and build the paper's tables.
+
+    `qgmil benchmark --datasets musk1,elephant --models ablation,abmil --out BENCH` writes one run per
+    model x dataset under BENCH/runs/, then results.csv, results.md (macro-F1, best in bold, gain of
+    QG-MIL over the best baseline), gains.csv and ablation.md. BENCH_FILE (YAML: datasets, models,
+    folds, seeds, train) sets the same; flags override it. Rerun to continue: finished cells are skipped.
+    """
+    from .bench.runner import load_spec, parse_shard, run_benchmark
+    from .train.config import parse_set
+
+    train = {"optim.epochs": epochs, "optim.batch_size": batch_size, "optim.lr": lr, "runtime.device": device}
+    train = {k: v for k, v in train.items() if v is not None}
+    train.update(dict(parse_set(list(sets))))
+    spec = load_spec(
+        bench_file, datasets=datasets.split(",") if datasets else None, models=models.split(",") if models else None,
+        folds=folds, seeds=[int(s) for s in seeds.split(",")] if seeds else None, train=train,
+    )
+    tables = run_benchmark(spec, out, shard=parse_shard(shard), report_only=report_only, progress=progress,
+                           echo=click.echo, command=["qgmil", *sys.argv[1:]])
+    click.echo("\n" + tables["results_md"])
+    if tables["ablation_md"]:
+        click.echo("\n" + tables["ablation_md"])
+    click.echo(f"\n{tables['finished']}/{tables['cells']} cells finished; tables in {out}/ "
+               "(results.md, results.csv, gains.csv" + (", ablation.md)" if tables["ablation_md"] else ")"))
