@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..checkpoint import atomic_write
-from ..train.config import ConfigError, RunConfig, _format, load_config
+from ..train.config import ConfigError, RunConfig, format_validation_error, load_config
 
 TABLE_METRICS = ["macro_f1", "auroc", "balanced_accuracy", "ece", "brier"]
 MODEL_GROUPS = ("ablation", "baselines")
@@ -137,7 +137,8 @@ def load_spec(
             update["train"] = {**spec.train, **train}
         return BenchSpec.model_validate({**spec.model_dump(), **update}) if update else spec
     except ValidationError as err:
-        raise BenchmarkError(_format(err, source).replace("invalid config", "invalid benchmark")) from None
+        message = format_validation_error(err, source).replace("invalid config", "invalid benchmark")
+        raise BenchmarkError(message) from None
 
 
 def expand_models(models: list[ModelSpec]) -> list[ModelSpec]:

@@ -99,11 +99,12 @@ class ConfigError(ValueError):
     """A config that does not validate; the message lists each bad key."""
 
 
-def _format(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
+        shown = e["type"] != "missing" and not isinstance(e["input"], dict)
+        lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if shown else ""))
     return f"{source}: invalid config\n" + "\n".join(lines)
 
 
@@ -151,4 +152,4 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
