@@ -130,7 +130,9 @@ def parse_set(items: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = (), base: dict | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[tuple[str, Any]] = (), base: dict | None = None
+) -> RunConfig:
     """YAML file (optional) <- `base` (plain CLI flags as dotted keys) <- `overrides` (--set), validated."""
     tree: dict = {}
     source = "command line"
