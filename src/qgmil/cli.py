@@ -388,3 +388,27 @@ def benchmark(bench_file, datasets, models, folds, seeds, epochs, batch_size, lr
         click.echo("\n" + tables["ablation_md"])
     click.echo(f"\n{tables['finished']}/{tables['cells']} cells finished; tables in {out}/ "
                "(results.md, results.csv, gains.csv" + (", ablation.md)" if tables["ablation_md"] else ")"))
+
+
+@explain.command("heatmap")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--bags", help="Comma-separated bag ids (default: the first 3 test bags of the first run).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@click.option("--slides", type=click.Path(file_okay=False), help="Folder of slides named <bag_id>.<ext> (background).")
+@click.option("--normalise", type=click.Choice(["rank", "minmax", "none"]), default="rank", show_default=True,
+              help="rank: percentile of each weight within its bag; minmax: (a - min) / (max - min); none: raw.")
+@click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap.")
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0), help="Heat opacity.")
+@click.option("--max-size", default=2048, show_default=True, type=click.IntRange(16), help="Long side of the heat (px).")
+def explain_heatmap(run_dirs, bags, out, slides, normalise, cmap, alpha, max_size):
+    """Attention heatmaps: each tile's test attention painted over its place on the slide.
+
+    Writes OUT/<bag_id>.png per bag; with several RUN_DIRs, one panel per run side by side. Without
+    --slides the heat is drawn on white.
+    """
+    from .explain.heatmap import run_heatmaps
+
+    written = run_heatmaps(run_dirs, out, bags=[b.strip() for b in bags.split(",") if b.strip()] if bags else None,
+                           slides=slides, normalise=normalise, cmap=cmap, alpha=alpha, max_size=max_size,
+                           echo=lambda m: click.echo(m, err=True))
+    click.echo("wrote " + ", ".join(str(p) for p in written))

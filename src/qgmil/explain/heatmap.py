@@ -1,0 +1,399 @@
+"""Attention heatmaps: paint each tile's attention over its footprint on the slide, at thumbnail scale.
+
+  attention_heatmap(coords, attention, patch_size_level0, scale=...)  -> (H', W') float, NaN off-tissue
+  render_overlay(heat, path, background=thumbnail)                     -> PNG (matplotlib Agg, atomic)
+  read_thumbnail(slide_path, max_size)                                 -> (RGB uint8, level-0 (W, H))
+  run_heatmaps(run_dirs, out, bags=...)                                -> OUT/<bag_id>.png per bag
+
+The heat is never built at level-0 resolution: tile rectangles are mapped to the output grid
+(level-0 px / scale) and painted with a 2-D difference array, O(N + H' W') time and memory, so a
+100k-tile slide renders in well under a second. Overlapping tiles get the mean of their values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+NORMALISE = ("rank", "minmax", "none")
+#: formats only a WSI reader (openslide / tiffslide) opens
+WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class HeatmapError(ValueError):
+    """A bag / run / slide that cannot be drawn; the message names it."""
+
+
+def normalise_attention(attention, how: str = "rank") -> np.ndarray:
+    """rank: percentile rank in [0, 1] ((rank - 1) / (N - 1), ties share their mean rank; N = 1 -> 1);
+    minmax: (a - min) / (max - min) (constant -> 0.5, as rank gives); none: the weights as they are."""
+    from .mass import _average_ranks
+
+    a = np.asarray(attention, dtype=np.float64).reshape(-1)
+    if how not in NORMALISE:
+        raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, got {how!r}")
+    if how == "none" or a.size == 0:
+        return a
+    if how == "rank":
+        return np.ones(1) if a.size == 1 else (_average_ranks(a) - 1.0) / (a.size - 1)
+    lo, hi = a.min(), a.max()
+    return np.full_like(a, 0.5) if hi <= lo else (a - lo) / (hi - lo)
+
+
+def default_scale(slide_size: tuple[float, float], max_size: int = 2048) -> float:
+    """Level-0 px per output px so that the long side of the heat is <= max_size (never below 1)."""
+    return max(1.0, max(slide_size) / max(1, int(max_size)))
+
+
+def attention_heatmap(coords, attention, patch_size_level0: float, *, slide_size=None, scale: float | None = None,
+                      max_size: int = 2048, normalise: str = "rank") -> np.ndarray:
+    """(H', W') float64 heat: every tile paints its (normalised) value over its footprint, NaN where no tile.
+
+    coords: (N, 2) level-0 px top-left corners (x, y); attention: (N,); patch_size_level0: tile side in
+    level-0 px; slide_size: level-0 (W, H), default the coords extent + one patch; scale: level-0 px per
+    output px (default: long side <= max_size). H' = ceil(H / scale), W' = ceil(W / scale). A tile covers
+    output columns round(x / scale) .. round((x + patch) / scale) (at least one pixel), so tiles of a
+    regular grid tile the output without gaps or overlaps; overlapping tiles average.
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    values = np.asarray(attention, dtype=np.float64).reshape(-1)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"coords must be (N, 2), got shape {coords.shape}")
+    if coords.shape[0] != values.size:
+        raise ValueError(f"{coords.shape[0]} coords for {values.size} attention weights")
+    if values.size == 0:
+        raise ValueError("no tiles")
+    if not (np.all(np.isfinite(coords)) and np.all(np.isfinite(values))):
+        raise ValueError("coords / attention hold NaN or Inf")
+    patch = float(patch_size_level0)
+    if not patch > 0:
+        raise ValueError(f"patch_size_level0 must be > 0, got {patch_size_level0}")
+    values = normalise_attention(values, normalise)
+    if slide_size is None:
+        slide_size = (coords[:, 0].max() + patch, coords[:, 1].max() + patch)
+    width, height = float(slide_size[0]), float(slide_size[1])
+    if not (width > 0 and height > 0):
+        raise ValueError(f"slide_size must be positive, got {slide_size}")
+    scale = default_scale((width, height), max_size) if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    out_w, out_h = max(1, math.ceil(width / scale - 1e-9)), max(1, math.ceil(height / scale - 1e-9))
+
+    x0 = np.rint(coords[:, 0] / scale).astype(np.int64)
+    y0 = np.rint(coords[:, 1] / scale).astype(np.int64)
+    x1 = np.maximum(np.rint((coords[:, 0] + patch) / scale).astype(np.int64), x0 + 1)
+    y1 = np.maximum(np.rint((coords[:, 1] + patch) / scale).astype(np.int64), y0 + 1)
+    x0, x1 = np.clip(x0, 0, out_w), np.clip(x1, 0, out_w)
+    y0, y1 = np.clip(y0, 0, out_h), np.clip(y1, 0, out_h)
+    keep = (x1 > x0) & (y1 > y0)  # tiles entirely outside the slide are dropped
+    x0, x1, y0, y1, values = x0[keep], x1[keep], y0[keep], y1[keep], values[keep]
+
+    # 2-D difference arrays: +v at (y0, x0) and (y1, x1), -v at (y0, x1) and (y1, x0); cumsum both axes.
+    total = np.zeros((out_h + 1, out_w + 1), dtype=np.float64)
+    count = np.zeros((out_h + 1, out_w + 1), dtype=np.int32)
+    for ys, xs, sign in ((y0, x0, 1), (y1, x1, 1), (y0, x1, -1), (y1, x0, -1)):
+        np.add.at(total, (ys, xs), sign * values)
+        np.add.at(count, (ys, xs), sign)
+    total = total.cumsum(0).cumsum(1)[:out_h, :out_w]
+    count = count.cumsum(0).cumsum(1)[:out_h, :out_w]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        heat = total / count
+    heat[count <= 0] = np.nan
+    return heat
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def _display_factor(heats: Sequence[np.ndarray]) -> int:
+    """Small heats are drawn enlarged (each heat pixel as an f x f block) so the PNG stays legible."""
+    return max(1, 512 // max(max(h.shape) for h in heats))
+
+
+def render_panels(heats: Sequence[np.ndarray], path, *, background: np.ndarray | None = None,
+                  titles: Sequence[str | None] | None = None, cmap: str = "jet", alpha: float = 0.5,
+                  colorbar: bool = True, vmin: float | None = None, vmax: float | None = None) -> Path:
+    """Side-by-side overlays of heats of the same shape (one per model) on the same background.
+
+    The PNG shows each heat pixel as f x f pixels, f = max(1, 512 // long side); without titles and
+    colorbar it is exactly (W' f * panels + gaps) x (H' f). NaN is transparent (the background shows).
+    """
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("heatmaps need matplotlib: pip install 'qgmil[plots]'") from e
+    heats = [np.asarray(h, dtype=np.float64) for h in heats]
+    if not heats or any(h.ndim != 2 for h in heats):
+        raise ValueError("heats must be a non-empty list of 2-D arrays")
+    if len({h.shape for h in heats}) != 1:
+        raise ValueError(f"all heats must have the same shape, got {[h.shape for h in heats]}")
+    if background is not None:
+        background = np.asarray(background)
+        if background.ndim != 3 or background.shape[2] not in (3, 4):
+            raise ValueError(f"background must be (H, W, 3) uint8, got shape {background.shape}")
+    titles = list(titles) if titles is not None else [None] * len(heats)
+    if len(titles) != len(heats):
+        raise ValueError(f"{len(titles)} titles for {len(heats)} heats")
+    if vmin is None or vmax is None:
+        finite = np.concatenate([h[np.isfinite(h)] for h in heats])
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        vmin, vmax = (lo if vmin is None else vmin), (hi if vmax is None else vmax)
+    colors = matplotlib.colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))  # NaN: transparent
+
+    dpi = 100
+    f = _display_factor(heats)
+    h_px, w_px = heats[0].shape[0] * f, heats[0].shape[1] * f
+    gap = 10 if len(heats) > 1 else 0
+    top = 40 if any(titles) else 0
+    right = 90 if colorbar else 0
+    fig_w = len(heats) * w_px + (len(heats) - 1) * gap + right
+    fig_h = h_px + top
+    fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
+    FigureCanvasAgg(fig)
+    extent = (0, heats[0].shape[1], heats[0].shape[0], 0)
+    image = None
+    for i, (heat, title) in enumerate(zip(heats, titles)):
+        ax = fig.add_axes(((i * (w_px + gap)) / fig_w, 0.0, w_px / fig_w, h_px / fig_h))
+        ax.set_axis_off()
+        ax.set_facecolor("white")
+        if background is not None:
+            ax.imshow(background[..., :3], extent=extent, interpolation="antialiased")
+        image = ax.imshow(np.ma.masked_invalid(heat), cmap=colors, alpha=alpha, vmin=vmin, vmax=vmax,
+                          extent=extent, interpolation="nearest")
+        ax.set_xlim(0, heat.shape[1])
+        ax.set_ylim(heat.shape[0], 0)
+        if title:
+            fig.text((i * (w_px + gap) + w_px / 2) / fig_w, 1.0 - (top / 2) / fig_h, title,
+                     ha="center", va="center", fontsize=12)
+    if colorbar:
+        cax = fig.add_axes(((fig_w - right + 15) / fig_w, 0.1 * h_px / fig_h, 18 / fig_w, 0.8 * h_px / fig_h))
+        bar = fig.colorbar(image, cax=cax)
+        bar.solids.set_alpha(1.0)
+    # not _save_atomic: its bbox_inches="tight" would change the size; save the figure as laid out
+    return _save_exact(fig, Path(path), dpi)
+
+
+def _save_exact(fig, path: Path, dpi: int) -> Path:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi, facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def render_overlay(heat: np.ndarray, path, *, background: np.ndarray | None = None, cmap: str = "jet",
+                   alpha: float = 0.5, title: str | None = None, colorbar: bool = True,
+                   vmin: float | None = None, vmax: float | None = None) -> Path:
+    """One heat over `background` ((H, W, 3) uint8 thumbnail, stretched to the heat's extent; None: white)."""
+    return render_panels([heat], path, background=background, titles=[title], cmap=cmap, alpha=alpha,
+                         colorbar=colorbar, vmin=vmin, vmax=vmax)
+
+
+# --- slides -------------------------------------------------------------------------------------
+
+def _wsi_reader():
+    try:
+        import openslide
+
+        return openslide.OpenSlide
+    except ImportError:
+        pass
+    try:
+        import tiffslide
+
+        return tiffslide.TiffSlide
+    except ImportError:
+        return None
+
+
+def read_thumbnail(slide_path, max_size: int = 2048) -> tuple[np.ndarray, tuple[int, int]]:
+    """(RGB uint8 thumbnail with long side <= max_size, level-0 (W, H)) of a slide or plain image.
+
+    WSI formats (.svs, .ndpi, .mrxs, pyramidal .tif...) use openslide if importable, else tiffslide;
+    PNG / JPEG / BMP (and .tif without a WSI reader) use Pillow, without its decompression-bomb limit.
+    """
+    path = Path(slide_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such slide")
+    suffix = path.suffix.lower()
+    reader = _wsi_reader() if suffix in WSI_SUFFIXES else None
+    if reader is not None:
+        try:
+            slide = reader(str(path))
+        except Exception as err:  # the readers raise their own error types
+            raise HeatmapError(f"{path}: cannot open the slide ({err})") from None
+        try:
+            size = tuple(int(v) for v in slide.dimensions)
+            thumb = slide.get_thumbnail((max_size, max_size)).convert("RGB")
+        finally:
+            slide.close()
+        return np.asarray(thumb, dtype=np.uint8), size
+    if suffix not in PLAIN_SUFFIXES:
+        raise HeatmapError(f"{path}: reading {suffix or 'this'} slides needs openslide or tiffslide: "
+                           "pip install 'qgmil[wsi]'")
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # slides are legitimately huge
+    try:
+        with Image.open(path) as im:
+            size = (int(im.size[0]), int(im.size[1]))
+            im.draft("RGB", (max_size, max_size))  # JPEG: decode at a reduced scale
+            im = im.convert("RGB")
+            im.thumbnail((max_size, max_size))
+            return np.asarray(im, dtype=np.uint8), size
+    except (OSError, Image.DecompressionBombError) as err:
+        hint = " (a WSI? pip install 'qgmil[wsi]')" if suffix in (".tif", ".tiff") else ""
+        raise HeatmapError(f"{path}: cannot read the image ({err}){hint}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def find_slide(slides_dir, bag_id: str) -> Path | None:
+    """`<slides_dir>/<bag_id>.<ext>` (WSI formats first), or None."""
+    found = [p for p in Path(slides_dir).glob(f"{bag_id}.*") if p.is_file() and p.stem == bag_id]
+    order = {s: i for i, s in enumerate(WSI_SUFFIXES + PLAIN_SUFFIXES)}
+    found.sort(key=lambda p: (order.get(p.suffix.lower(), len(order)), p.name))
+    return found[0] if found else None
+
+
+# --- bags of a run ------------------------------------------------------------------------------
+
+def bag_geometry(path) -> tuple[np.ndarray, float]:
+    """(coords (N, 2) in level-0 px, patch side in level-0 px) of a feature file.
+
+    Patch size: attrs patch_size_level0 (TRIDENT) / patch_size_px (qgmil) / patch_size at patch_level 0
+    (CLAM), else the grid step of the coords. Micrometre coords (STAMP) are divided by attrs `mpp`.
+    """
+    from ..data import read_attrs, read_coords
+
+    coords, unit = read_coords(path)
+    if coords is None:
+        raise HeatmapError(f"{path}: the feature file has no coords, so its attention cannot be placed")
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    attrs = read_attrs(path)
+    patch = None
+    if unit == "um":
+        mpp = attrs.get("mpp")
+        try:
+            mpp = float(mpp)
+        except (TypeError, ValueError):
+            mpp = None
+        if not mpp or not mpp > 0:
+            raise HeatmapError(f"{path}: coords are in micrometres but the file has no `mpp` attribute "
+                               "to convert them to level-0 pixels")
+        coords = coords / mpp
+        if attrs.get("tile_size_um"):
+            patch = float(attrs["tile_size_um"]) / mpp
+    elif unit not in (None, "px"):
+        raise HeatmapError(f"{path}: unknown coord unit {unit!r}")
+    if patch is None:
+        for key in ("patch_size_level0", "patch_size_px"):
+            if attrs.get(key):
+                patch = float(attrs[key])
+                break
+    if patch is None and attrs.get("patch_size") and int(attrs.get("patch_level", -1) or 0) == 0:
+        patch = float(attrs["patch_size"])
+    if patch is None:
+        steps = [np.diff(np.unique(coords[:, i])) for i in (0, 1)]
+        steps = np.concatenate([s[s > 0] for s in steps])
+        if not steps.size:
+            raise HeatmapError(f"{path}: no patch size attribute and a single tile: cannot size the tiles")
+        patch = float(steps.min())
+        warnings.warn(f"{path}: no patch size attribute; using the coords grid step {patch:g} px", stacklevel=2)
+    return coords, patch
+
+
+def _bag_files(run) -> dict[str, tuple[Path, ...]]:
+    from ..data import MILDataset
+    from ..train.config import load_config
+    from .mass import _dataset_location
+
+    config = load_config(run.run_dir / "config.yaml")
+    _, table, features = _dataset_location(run.run_dir, config)
+    classes = json.loads((run.run_dir / "run.json").read_text()).get("classes")
+    try:
+        data = MILDataset.from_table(table, features, columns=config.data.columns, classes=classes,
+                                     bag_unit=config.data.bag_unit)
+    except (ValueError, OSError) as err:
+        raise HeatmapError(f"{run.run_dir}: cannot read the dataset ({err})") from None
+    return {u.bag_id: u.files for u in data.units}
+
+
+def bag_attention(run, bag_id: str) -> tuple[np.ndarray, int]:
+    """(attention, number of test rows averaged): the mean over the seeds that tested the bag."""
+    found = [a for b, a in zip(run.rows["bag_id"], run.attention) if b == bag_id]
+    if not found:
+        raise HeatmapError(f"{run.run_dir}: bag {bag_id!r} has no test attention")
+    if len({a.size for a in found}) != 1:
+        raise HeatmapError(f"{run.run_dir}: bag {bag_id!r}: attention of different lengths across seeds")
+    return np.mean(np.stack(found).astype(np.float64), axis=0), len(found)
+
+
+def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, slides=None,
+                 normalise: str = "rank", cmap: str = "jet", alpha: float = 0.5, max_size: int = 2048,
+                 echo=None) -> list[Path]:
+    """Write OUT/<bag_id>.png per bag (default: the first 3 test bags of the first run): one panel per
+    run, titled with its model name, over the slide thumbnail from `slides`; without a slide, on white
+    and cropped to the tiles' bounding box."""
+    from .mass import load_run
+
+    if normalise not in NORMALISE:
+        raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, got {normalise!r}")
+    runs = [load_run(d) for d in run_dirs]
+    if not runs:
+        raise ValueError("no run directory")
+    if not bags:
+        bags = list(dict.fromkeys(runs[0].rows["bag_id"]))[:3]
+    names = [r.model for r in runs]
+    names = [f"{n} ({r.run_dir.name})" if names.count(n) > 1 else n for n, r in zip(names, runs)]
+    files = _bag_files(runs[0])
+    out = Path(out)
+    written = []
+    for bag_id in bags:
+        bag_id = str(bag_id)
+        if bag_id not in files:
+            raise HeatmapError(f"{runs[0].run_dir}: bag {bag_id!r} is not in the run's dataset")
+        if len(files[bag_id]) != 1:
+            raise HeatmapError(f"bag {bag_id!r} spans {len(files[bag_id])} slides (patient-level bags): "
+                               "heatmaps are drawn per slide only")
+        coords, patch = bag_geometry(files[bag_id][0])
+        background, slide_size = None, None
+        slide = find_slide(slides, bag_id) if slides else None
+        if slides and slide is None and echo:
+            echo(f"{bag_id}: no slide {Path(slides) / bag_id}.* - drawing on white")
+        if slide is not None:
+            background, slide_size = read_thumbnail(slide, max_size)
+        if slide_size is None:  # no slide: frame the tiles' bounding box only
+            coords = coords - coords.min(axis=0)
+            slide_size = (coords[:, 0].max() + patch, coords[:, 1].max() + patch)
+        scale = default_scale(slide_size, max_size)
+        heats, titles = [], []
+        for run, name in zip(runs, names):
+            a, n_rows = bag_attention(run, bag_id)
+            if a.size != coords.shape[0]:
+                raise HeatmapError(f"{run.run_dir}: bag {bag_id!r}: attention over {a.size} instances, "
+                                   f"its feature file has {coords.shape[0]} coords")
+            heats.append(attention_heatmap(coords, a, patch, slide_size=slide_size, scale=scale,
+                                           normalise=normalise))
+            titles.append(name if n_rows == 1 else f"{name} (mean of {n_rows} seeds)")
+        bounds = dict(vmin=0.0, vmax=1.0) if normalise != "none" else {}
+        written.append(render_panels(heats, out / f"{bag_id}.png", background=background,
+                                     titles=[f"{bag_id}: {t}" for t in titles] if len(runs) == 1 else titles,
+                                     cmap=cmap, alpha=alpha, **bounds))
+    return written

@@ -1,0 +1,226 @@
+"""Attention heatmaps: painting tiles at thumbnail scale, overlays, slides, and `qgmil explain heatmap`."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qgmil.explain.heatmap import (
+    HeatmapError, attention_heatmap, bag_geometry, find_slide, normalise_attention, read_thumbnail, render_overlay,
+    render_panels,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+
+
+def grid(nx, ny, patch=256, origin=(0, 0)):
+    ys, xs = np.mgrid[0:ny, 0:nx]
+    return np.stack([xs.ravel() * patch + origin[0], ys.ravel() * patch + origin[1]], axis=1)
+
+
+def test_three_by_three_exact_values():
+    coords = grid(3, 3)
+    a = np.arange(1, 10, dtype=float)
+    a /= a.sum()
+    heat = attention_heatmap(coords, a, 256, scale=32, normalise="none")
+    assert heat.shape == (24, 24)  # 768 / 32
+    centres = heat[4::8, 4::8]
+    np.testing.assert_allclose(centres, a.reshape(3, 3), rtol=0, atol=1e-12)
+    # every output pixel of a tile carries its value
+    np.testing.assert_allclose(heat[8:16, 16:24], a[5], atol=1e-12)
+    assert not np.isnan(heat).any()
+
+
+def test_nan_outside_tiles_and_slide_size():
+    coords = np.array([[256, 256], [1024, 512]])
+    heat = attention_heatmap(coords, [0.25, 0.75], 256, slide_size=(2048, 1024), scale=64, normalise="none")
+    assert heat.shape == (16, 32)
+    assert np.isnan(heat[0, 0]) and np.isnan(heat[-1, -1])
+    assert heat[4:8, 4:8] == pytest.approx(np.full((4, 4), 0.25))
+    assert heat[8:12, 16:20] == pytest.approx(np.full((4, 4), 0.75))
+    assert np.isfinite(heat).sum() == 32
+    # a missing tile of a grid leaves a hole
+    coords = np.delete(grid(3, 3), 4, axis=0)
+    heat = attention_heatmap(coords, np.full(8, 1 / 8), 256, scale=32)
+    assert np.isnan(heat[12, 12]) and np.isfinite(heat[4, 4])
+
+
+def test_rank_and_minmax_normalisation():
+    a = np.array([0.1, 0.4, 0.2, 0.2, 0.1]) / 1.0
+    np.testing.assert_allclose(normalise_attention(a, "rank"), [0.125, 1.0, 0.625, 0.625, 0.125])
+    np.testing.assert_allclose(normalise_attention([0.2, 0.5, 0.3], "rank"), [0.0, 1.0, 0.5])
+    np.testing.assert_allclose(normalise_attention([0.2, 0.5, 0.3], "minmax"), [0.0, 1.0, 1 / 3])
+    assert normalise_attention([1.0], "rank") == pytest.approx([1.0])
+    assert normalise_attention([0.5, 0.5], "minmax") == pytest.approx([0.5, 0.5])
+    heat = attention_heatmap(grid(3, 1), [0.2, 0.5, 0.3], 256, scale=256)  # default rank
+    np.testing.assert_allclose(heat, [[0.0, 1.0, 0.5]])
+    with pytest.raises(ValueError, match="normalise"):
+        normalise_attention([1.0], "zscore")
+
+
+def test_output_size_follows_scale():
+    coords = grid(10, 5)
+    a = np.full(50, 0.02)
+    assert attention_heatmap(coords, a, 256, scale=256).shape == (5, 10)
+    assert attention_heatmap(coords, a, 256, scale=100).shape == (13, 26)  # ceil(1280/100), ceil(2560/100)
+    assert attention_heatmap(coords, a, 256, max_size=64).shape == (32, 64)  # default: long side <= max_size
+    # overlapping tiles average
+    heat = attention_heatmap([[0, 0], [128, 0]], [0.2, 0.8], 256, scale=64, normalise="none")
+    assert heat.shape == (4, 6)
+    assert heat[0, :2] == pytest.approx([0.2, 0.2]) and heat[0, 2:4] == pytest.approx([0.5, 0.5])
+    assert heat[0, 4:] == pytest.approx([0.8, 0.8])
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="coords"):
+        attention_heatmap(np.zeros((3, 3)), np.ones(3) / 3, 256)
+    with pytest.raises(ValueError, match="2 coords for 3"):
+        attention_heatmap(np.zeros((2, 2)), np.ones(3) / 3, 256)
+    with pytest.raises(ValueError, match="patch"):
+        attention_heatmap(np.zeros((1, 2)), [1.0], 0)
+
+
+def test_large_slide_is_fast():
+    import time
+
+    coords = grid(400, 250)  # 100k tiles, 102400 x 64000 px at level 0
+    start = time.perf_counter()
+    heat = attention_heatmap(coords, np.random.default_rng(0).random(coords.shape[0]), 256)
+    assert time.perf_counter() - start < 5
+    assert heat.shape == (1280, 2048) and not np.isnan(heat).any()
+
+
+def test_planted_block_on_slide_png(tmp_path):
+    from PIL import Image
+
+    # a pinkish "slide" 4096 x 3072 with some texture
+    rng = np.random.default_rng(0)
+    small = (np.array([230, 190, 220]) + rng.integers(-20, 20, (96, 128, 3))).clip(0, 255).astype(np.uint8)
+    slide = tmp_path / "slides" / "bag_a.png"
+    slide.parent.mkdir()
+    Image.fromarray(small).resize((4096, 3072), Image.NEAREST).save(slide)
+    assert find_slide(tmp_path / "slides", "bag_a") == slide and find_slide(tmp_path / "slides", "bag") is None
+
+    thumb, size = read_thumbnail(slide, 1024)
+    assert size == (4096, 3072) and thumb.shape == (768, 1024, 3) and thumb.dtype == np.uint8
+
+    coords = grid(16, 12)  # 256 px tiles over the whole slide
+    a = np.full(coords.shape[0], 1.0)
+    block = (coords[:, 0] >= 2560) & (coords[:, 0] < 3328) & (coords[:, 1] >= 512) & (coords[:, 1] < 1280)
+    a[block] = 50.0  # a 3 x 3 block of tiles
+    a /= a.sum()
+    heat = attention_heatmap(coords, a, 256, slide_size=size, scale=4, normalise="minmax")
+    assert heat.shape == (768, 1024)
+    out = render_overlay(heat, tmp_path / "out" / "bag_a.png", background=thumb, alpha=0.6, colorbar=False)
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    assert not list(out.parent.glob(".*.tmp"))
+    with Image.open(out) as im:
+        assert im.size == (1024, 768)
+        rgb = np.asarray(im.convert("RGB"), dtype=np.int32)
+    hot = (rgb[..., 0] - rgb[..., 2]) > 60  # jet: red at 1, blue at 0
+    ys, xs = np.nonzero(hot)
+    assert hot.sum() > 0.8 * 192 * 192
+    # the block is level-0 x 2560..3328, y 512..1280 -> output x 640..832, y 128..320
+    assert 640 <= xs.min() and xs.max() < 832 and 128 <= ys.min() and ys.max() < 320
+    # with a title and colorbar the figure grows, side-by-side panels too
+    two = render_panels([heat, heat[:, ::-1]], tmp_path / "two.png", background=thumb, titles=["a", "b"])
+    with Image.open(two) as im:
+        assert im.size[0] > 2 * 1024 and im.size[1] > 768
+
+
+def test_thumbnail_errors(tmp_path):
+    (tmp_path / "x.ndpi").write_bytes(b"not a slide")
+    if importlib.util.find_spec("openslide") is None and importlib.util.find_spec("tiffslide") is None:
+        with pytest.raises(HeatmapError, match=r"x\.ndpi.*pip install 'qgmil\[wsi\]'"):
+            read_thumbnail(tmp_path / "x.ndpi", 256)
+    (tmp_path / "y.png").write_bytes(b"not a png")
+    with pytest.raises(HeatmapError, match=r"y\.png"):
+        read_thumbnail(tmp_path / "y.png", 256)
+    with pytest.raises(FileNotFoundError):
+        read_thumbnail(tmp_path / "missing.svs", 256)
+
+
+def test_stamp_coords_in_micrometres(tmp_path):
+    from qgmil.data import write_bag
+
+    coords_um = grid(4, 2, patch=128).astype(np.float32)  # 256 px tiles at 0.5 mpp
+    path = tmp_path / "stamp.h5"
+    write_bag(path, np.zeros((8, 4), np.float32), coords_um, coord_unit="um", attrs={"mpp": 0.5, "tile_size_um": 128})
+    coords, patch = bag_geometry(path)
+    assert patch == pytest.approx(256) and coords[:, 0].max() == pytest.approx(768)
+    bad = tmp_path / "nompp.h5"
+    write_bag(bad, np.zeros((8, 4), np.float32), coords_um, coord_unit="um")
+    with pytest.raises(HeatmapError, match="mpp"):
+        bag_geometry(bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openslide") is None and importlib.util.find_spec("tiffslide") is None,
+                    reason="needs openslide or tiffslide")
+def test_real_svs(tmp_path):
+    if not SLIDE.is_file():
+        pytest.skip(f"{SLIDE} not found")
+    thumb, size = read_thumbnail(SLIDE, 512)
+    assert tuple(size) == (2220, 2967)  # the CMU-1 region at level 0 (0.499 um/px)
+    assert max(thumb.shape[:2]) <= 512 and thumb.shape[2] == 3
+    assert abs(thumb.shape[1] / thumb.shape[0] - 2220 / 2967) < 0.02
+    coords = grid(size[0] // 256, size[1] // 256)
+    heat = attention_heatmap(coords, np.linspace(0, 1, coords.shape[0]), 256, slide_size=size, max_size=512)
+    out = render_overlay(heat, tmp_path / "svs.png", background=thumb, title="CMU-1")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wsi_runs(tmp_path_factory):
+    from qgmil.data import prepare_dataset
+    from qgmil.train.config import load_config
+    from qgmil.train.run import train_run
+
+    root = tmp_path_factory.mktemp("heatmap")
+    data = root / "wsi"
+    prepare_dataset("synthetic-wsi", data, bags=4, min_instances=300, max_instances=600, dim=16, progress=False)
+    runs = {}
+    for model in ("abmil", "mean_pool"):
+        config = load_config(None, [], {
+            "data.table": data / "labels.csv", "data.features": data / "features", "eval.folds": 2,
+            "optim.epochs": 2, "optim.batch_size": 4, "runtime.progress": False, "runtime.tensorboard": False,
+            "model.name": model, "eval.bootstrap": 20})
+        train_run(config, root / model)
+        runs[model] = root / model
+    return runs
+
+
+def test_explain_heatmap_cli(wsi_runs, tmp_path):
+    import pandas as pd
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from qgmil.cli import main
+
+    out = tmp_path / "heat"
+    result = CliRunner().invoke(main, ["explain", "heatmap", str(wsi_runs["abmil"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    bags = list(dict.fromkeys(pd.read_csv(wsi_runs["abmil"] / "predictions.csv", dtype={"bag_id": str})["bag_id"]))
+    pngs = sorted(out.glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(bags[:3])
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG_SIGNATURE
+        with Image.open(p) as im:
+            im.verify()
+
+    # two runs -> one figure with two panels, wider than the single-run one
+    both = tmp_path / "both"
+    result = CliRunner().invoke(main, ["explain", "heatmap", str(wsi_runs["abmil"]), str(wsi_runs["mean_pool"]),
+                                       "--bags", bags[0], "--out", str(both), "--normalise", "minmax",
+                                       "--slides", str(tmp_path / "noslides")])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in both.glob("*.png")] == [f"{bags[0]}.png"]
+    with Image.open(both / f"{bags[0]}.png") as two, Image.open(out / f"{bags[0]}.png") as one:
+        assert two.size[0] > 1.8 * (one.size[0] - 90)
+
+    result = CliRunner().invoke(main, ["explain", "heatmap", str(wsi_runs["abmil"]), "--bags", "nope",
+                                       "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "nope" in result.output
