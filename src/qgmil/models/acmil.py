@@ -65,6 +65,7 @@ from pydantic import model_validator
 from torch import nn
 
 from ..layers import map_instances, masked_softmax, weighted_sum
+from ..layers.branch_attention import BranchAttention
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_model
 
@@ -101,20 +102,6 @@ class ACMILConfig(ModelConfig):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
                 raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)}")
         return self
-
-
-class MultiBranchGatedAttention(nn.Module):
-    """Gated attention scores for T branches sharing V and U (official `Attention_Gated(L, D, K=T)`):
-    s_k(h) = w_k^T (tanh(V h) * sigmoid(U h)) + c_k.  h (B, n, D) -> scores (B, n, T)."""
-
-    def __init__(self, dim: int, attn_dim: int, n_branches: int):
-        super().__init__()
-        self.attn_v = nn.Linear(dim, attn_dim)
-        self.attn_u = nn.Linear(dim, attn_dim)
-        self.attn_w = nn.Linear(attn_dim, n_branches)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h)))
 
 
 def stkim_mask(scores: torch.Tensor, n_real: torch.Tensor, k: int, mask_drop: float) -> torch.Tensor | None:
@@ -171,7 +158,7 @@ class ACMIL(MILModel):
         super().__init__(config)
         cfg = config
         self.embed = nn.Sequential(nn.Linear(cfg.in_dim, cfg.dim, bias=False), nn.ReLU())
-        self.pool = MultiBranchGatedAttention(cfg.dim, cfg.attn_dim, cfg.n_token)
+        self.pool = BranchAttention(cfg.dim, cfg.attn_dim, cfg.n_token)  # official Attention_Gated(L, D, K=T)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # Branch heads only train through the branch loss, which needs two branches or more.
         self.branch_heads = nn.ModuleList(

@@ -67,6 +67,7 @@ from pydantic import model_validator
 from torch import nn
 
 from ..layers import map_instances, masked_softmax
+from ..layers.branch_attention import BranchAttention
 from .abmil import ABMILEmbed
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
@@ -109,27 +110,6 @@ class CLAMConfig(ModelConfig):
         return self
 
 
-class CLAMAttention(nn.Module):
-    """CLAM's attention net with `branches` outputs: (B, n, dim) -> unnormalised scores (B, n, branches).
-
-    gated: w^T (drop(tanh(V h)) * drop(sigmoid(U h))) + c (official Attn_Net_Gated);
-    plain: w^T drop(tanh(V h)) + c (official Attn_Net).
-    """
-
-    def __init__(self, dim: int, attn_dim: int, branches: int, gated: bool, dropout: float):
-        super().__init__()
-        self.attn_v = nn.Linear(dim, attn_dim)
-        self.attn_u = nn.Linear(dim, attn_dim) if gated else None
-        self.attn_w = nn.Linear(attn_dim, branches)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        inner = self.drop(torch.tanh(self.attn_v(h)))
-        if self.attn_u is not None:
-            inner = inner * self.drop(torch.sigmoid(self.attn_u(h)))
-        return self.attn_w(inner)
-
-
 def top_bottom_instances(scores: torch.Tensor, mask: torch.Tensor | None, k_sample: int):
     """Pick the k most and k least attended real instances of each bag and branch.
 
@@ -167,7 +147,7 @@ class CLAM(MILModel):
         cfg = config
         self.branches = cfg.num_classes if cfg.multi_branch else 1
         self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
-        self.pool = CLAMAttention(cfg.dim, cfg.attn_dim, self.branches, cfg.gated, cfg.dropout)
+        self.pool = BranchAttention(cfg.dim, cfg.attn_dim, self.branches, cfg.gated, cfg.dropout)  # official Attn_Net(_Gated)
         if cfg.multi_branch:
             self.classifiers = nn.ModuleList(nn.Linear(cfg.dim, 1) for _ in range(cfg.num_classes))
         else:
