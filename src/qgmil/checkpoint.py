@@ -10,14 +10,13 @@ Read the config without qgmil: `safetensors.safe_open(path, "pt").metadata()`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .atomic import atomic_write  # noqa: F401  (re-exported: used across the package)
 from .models.base import MILModel
 from .models.registry import architecture
 
@@ -27,20 +26,6 @@ FORMAT_VERSION = "1"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read as a qgmil model."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename onto `path`, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: MILModel, path: str | Path, extra: dict | None = None) -> Path:

@@ -12,8 +12,6 @@ Every other dataset in the file (e.g. `instance_labels`, cell names) is kept in 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,16 +279,14 @@ def write_bag(
     root attributes (None values skipped); extras: other per-bag datasets (arrays or lists of str).
     """
     from .. import __version__
+    from ..atomic import atomic_write
 
     path = Path(path)
     features = np.asarray(features)
     _check_shape(features.shape, path)
     if coords is not None and (coords.ndim != 2 or coords.shape[0] != features.shape[0]):
         raise BagFileError(f"{path}: coords shape {coords.shape} does not match {features.shape[0]} instances")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"format": QGMIL_FORMAT, "format_version": QGMIL_FORMAT_VERSION, "qgmil_version": __version__})
             f.create_dataset("features", data=features)
@@ -305,8 +301,5 @@ def write_bag(
                     f.create_dataset(key, data=np.array(value, dtype=h5py.string_dtype()))
                 else:
                     f.create_dataset(key, data=np.asarray(value))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)

@@ -43,7 +43,8 @@ STANDARD = ("bag_id", "label", "patient_id", "split", "fold", "path")
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def _read_any(path: Path) -> pd.DataFrame:
+def read_any_table(path: Path) -> pd.DataFrame:
+    """A CSV/TSV/Parquet file as a DataFrame of strings (nothing normalised); DataError names the file."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
@@ -85,7 +86,7 @@ def read_table_with_problems(
     if not path.is_file():
         raise DataError([f"{path}: table not found"])
     columns = columns or Columns()
-    raw = _read_any(path)
+    raw = read_any_table(path)
     if columns.bag_id not in raw.columns:
         raise DataError([f"{path}: no bag id column {columns.bag_id!r} (columns: {', '.join(map(str, raw.columns))})"])
     if require_labels and columns.label not in raw.columns:

@@ -20,10 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write
+from ..extract.slide import PLAIN_SUFFIXES, WSI_SUFFIXES, SlideError, open_slide
+
 NORMALISE = ("rank", "minmax", "none")
-#: formats only a WSI reader (openslide / tiffslide) opens
-WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
-PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class HeatmapError(ValueError):
@@ -181,18 +181,8 @@ def render_panels(heats: Sequence[np.ndarray], path, *, background: np.ndarray |
 
 
 def _save_exact(fig, path: Path, dpi: int) -> Path:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi, facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, facecolor="white"))
     return path
 
 
@@ -206,21 +196,6 @@ def render_overlay(heat: np.ndarray, path, *, background: np.ndarray | None = No
 
 # --- slides -------------------------------------------------------------------------------------
 
-def _wsi_reader():
-    try:
-        import openslide
-
-        return openslide.OpenSlide
-    except ImportError:
-        pass
-    try:
-        import tiffslide
-
-        return tiffslide.TiffSlide
-    except ImportError:
-        return None
-
-
 def read_thumbnail(slide_path, max_size: int = 2048) -> tuple[np.ndarray, tuple[int, int]]:
     """(RGB uint8 thumbnail with long side <= max_size, level-0 (W, H)) of a slide or plain image.
 
@@ -230,38 +205,11 @@ def read_thumbnail(slide_path, max_size: int = 2048) -> tuple[np.ndarray, tuple[
     path = Path(slide_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such slide")
-    suffix = path.suffix.lower()
-    reader = _wsi_reader() if suffix in WSI_SUFFIXES else None
-    if reader is not None:
-        try:
-            slide = reader(str(path))
-        except Exception as err:  # the readers raise their own error types
-            raise HeatmapError(f"{path}: cannot open the slide ({err})") from None
-        try:
-            size = tuple(int(v) for v in slide.dimensions)
-            thumb = slide.get_thumbnail((max_size, max_size)).convert("RGB")
-        finally:
-            slide.close()
-        return np.asarray(thumb, dtype=np.uint8), size
-    if suffix not in PLAIN_SUFFIXES:
-        raise HeatmapError(f"{path}: reading {suffix or 'this'} slides needs openslide or tiffslide: "
-                           "pip install 'qgmil[wsi]'")
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # slides are legitimately huge
     try:
-        with Image.open(path) as im:
-            size = (int(im.size[0]), int(im.size[1]))
-            im.draft("RGB", (max_size, max_size))  # JPEG: decode at a reduced scale
-            im = im.convert("RGB")
-            im.thumbnail((max_size, max_size))
-            return np.asarray(im, dtype=np.uint8), size
-    except (OSError, Image.DecompressionBombError) as err:
-        hint = " (a WSI? pip install 'qgmil[wsi]')" if suffix in (".tif", ".tiff") else ""
-        raise HeatmapError(f"{path}: cannot read the image ({err}){hint}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+        with open_slide(path) as slide:
+            return slide.thumbnail(max_size), slide.dimensions
+    except SlideError as err:
+        raise HeatmapError(str(err)) from None
 
 
 def find_slide(slides_dir, bag_id: str) -> Path | None:

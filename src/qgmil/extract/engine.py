@@ -1,0 +1,289 @@
+"""The extraction loop shared by slides and cell folders: bags of images -> encoder -> one feature file each.
+
+Output folder (`out`):
+  extract.json          what was extracted and how (encoder, weights, settings); a rerun must match it
+  features/<bag>.h5     one bag per file (this project's layout, written atomically: a file that exists is complete)
+  failed/<bag>.txt      why a bag failed (removed when a later run succeeds)
+  bags.csv              one row per bag of the last run: status, instances, seconds, error
+
+Rerunning skips bags whose feature file exists (resume). Under `torchrun` each rank takes a disjoint share of
+the bags (sorted, round-robin), so ranks never write the same file; rank 0 writes the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_write_text
+from ..data.bagfile import write_bag
+from ..train.distributed import Dist, all_gather, barrier
+
+MANIFEST = "extract.json"
+
+
+class ExtractError(ValueError):
+    """Extraction cannot start or go on; the message names the file or setting and the problem."""
+
+
+@dataclass
+class BagSource:
+    """One bag to extract: its id (the feature file's stem) and what it is made from (a slide, a folder)."""
+
+    bag_id: str
+    source: str
+    payload: Any = None  # what the kind-specific `prepare` needs (e.g. the list of cell image paths)
+
+
+@dataclass
+class PreparedBag:
+    """A bag ready to encode: a dataset of images plus what goes into its feature file besides features.
+
+    dataset items: (H, W, 3) uint8 RGB tensors, all of one size within a bag.
+    """
+
+    source: BagSource
+    dataset: torch.utils.data.Dataset
+    coords: np.ndarray | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BagResult:
+    bag_id: str
+    source: str
+    status: str  # done | skipped (already extracted) | failed | empty (no instance, e.g. no tissue)
+    num_instances: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class ExtractSummary:
+    out: Path
+    results: list[BagResult]
+    seconds: float
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[BagResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def instances_per_second(self) -> float:
+        done = [r for r in self.results if r.status == "done"]
+        seconds = sum(r.seconds for r in done)
+        return sum(r.num_instances for r in done) / seconds if seconds > 0 else 0.0
+
+    @property
+    def encoder_busy(self) -> float:
+        """Share of the extraction time the encoder was computing (the rest: waiting for images)."""
+        done = [r for r in self.results if r.status == "done"]
+        seconds = sum(r.seconds for r in done)
+        return sum(r.encode_seconds for r in done) / seconds if seconds > 0 else 0.0
+
+    def format(self) -> str:
+        lines = [f"{self.count('done')} extracted, {self.count('skipped')} already done, "
+                 f"{self.count('empty')} empty, {len(self.failed)} failed in {self.seconds:.1f} s "
+                 f"({self.instances_per_second:.1f} instances/s, encoder busy {100 * self.encoder_busy:.0f}%)"
+                 f" -> {self.out}"]
+        lines += [f"  FAILED {r.bag_id} ({r.source}): {r.error}" for r in self.failed]
+        lines += [f"  empty  {r.bag_id} ({r.source}): {r.error}" for r in self.results if r.status == "empty"]
+        return "\n".join(lines)
+
+
+# --- run folder ---------------------------------------------------------------------------------
+
+def check_manifest(out: Path, manifest: dict) -> None:
+    """Write `extract.json`, or check that an existing one describes the same extraction (resume)."""
+    path = out / MANIFEST
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ExtractError(f"{path}: not valid JSON ({err})") from None
+        keys = ("kind", "encoder", "settings")
+        differ = [k for k in keys if old.get(k) != manifest.get(k)]
+        if differ:
+            details = "; ".join(f"{k}: was {old.get(k)!r}, now {manifest.get(k)!r}" for k in differ)
+            raise ExtractError(f"{out} holds another extraction ({details}). Use another --out, or rerun with the "
+                               "same settings to resume.")
+        return
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+
+
+def feature_path(out: Path, bag_id: str) -> Path:
+    return out / "features" / f"{bag_id}.h5"
+
+
+def _write_results(out: Path, results: Sequence[BagResult]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame([r.__dict__ for r in results],
+                         columns=["bag_id", "source", "status", "num_instances", "seconds", "encode_seconds", "error"])
+    atomic_write_text(out / "bags.csv", frame.to_csv(index=False))
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """precision auto|fp32|bf16|fp16 -> the autocast dtype (None: full precision). auto = bf16 on GPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise ExtractError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def encode_dataset(dataset, encoder: torch.nn.Module, *, device: torch.device, batch_size: int = 64,
+                   num_workers: int = 0, precision: str = "auto", progress: tqdm | None = None
+                   ) -> tuple[np.ndarray, float]:
+    """All images of `dataset` through `encoder`, in order -> ((N, D) float32 features, seconds encoding)."""
+    dtype = autocast_dtype(precision, device)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+    )
+    features = np.empty((len(dataset), encoder.dim), dtype=np.float32)
+    row, busy = 0, 0.0
+    for images in loader:
+        start = time.perf_counter()
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = encoder(images)
+        out = out.float().cpu().numpy()
+        _sync(device)
+        busy += time.perf_counter() - start
+        features[row:row + len(out)] = out
+        row += len(out)
+        if progress is not None:
+            progress.update(len(out))
+    return features, busy
+
+
+def run_extraction(
+    sources: Sequence[BagSource],
+    out: Path,
+    encoder: torch.nn.Module,
+    prepare: Callable[[BagSource], PreparedBag],
+    *,
+    manifest: dict,
+    dist: Dist,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    precision: str = "auto",
+    skip_errors: bool = False,
+    progress: bool = True,
+) -> ExtractSummary:
+    """Extract every bag of `sources` not yet in `out`; this rank takes sources[rank::world].
+
+    A bag that fails (unreadable slide, no mpp...) stops the run unless `skip_errors`: then it is recorded in
+    failed/<bag>.txt and bags.csv, and the others go on. Nothing written before is lost either way.
+    """
+    out = Path(out)
+    ids = [s.bag_id for s in sources]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ExtractError(f"several inputs give the same bag id: {', '.join(duplicates[:5])}")
+    unsafe = [i for i in ids if not i or i.startswith(".") or "/" in i or "\\" in i]
+    if unsafe:
+        raise ExtractError(f"bag ids name the feature files, so they cannot be empty, start with '.' or hold a "
+                           f"slash: {', '.join(map(repr, unsafe[:5]))}")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        check_manifest(out, manifest)
+    barrier(dist)
+    if not dist.is_main:
+        check_manifest(out, manifest)  # every rank refuses a foreign folder, not only rank 0
+
+    start = time.perf_counter()
+    mine = sorted(sources, key=lambda s: s.bag_id)[dist.rank::dist.world]
+    results = [BagResult(s.bag_id, s.source, "skipped") for s in mine if feature_path(out, s.bag_id).exists()]
+    todo = [s for s in mine if not feature_path(out, s.bag_id).exists()]
+    encoder = encoder.to(dist.device)
+    show = progress and dist.is_main
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgmil-prepare") as pool:
+        # The next bag is prepared (slide opened, tissue segmented, tiles planned) while this one is encoded.
+        ahead = pool.submit(prepare, todo[0]) if todo else None
+        for i, source in enumerate(tqdm(todo, desc="bags", unit="bag", disable=not show, position=0)):
+            current, ahead = ahead, pool.submit(prepare, todo[i + 1]) if i + 1 < len(todo) else None
+            results.append(_extract_one(source, current, out, encoder, dist.device, batch_size, num_workers,
+                                        precision, skip_errors, show))
+
+    gathered = [r for part in all_gather(results, dist) for r in part]
+    summary = ExtractSummary(out, sorted(gathered, key=lambda r: r.bag_id), time.perf_counter() - start)
+    if dist.is_main:
+        _write_results(out, summary.results)
+    barrier(dist)
+    return summary
+
+
+def _extract_one(source: BagSource, prepared: Future, out: Path, encoder, device, batch_size, num_workers,
+                 precision, skip_errors: bool, show: bool) -> BagResult:
+    target = feature_path(out, source.bag_id)
+    failed = out / "failed" / f"{source.bag_id}.txt"
+    start = time.perf_counter()
+    try:
+        bag = prepared.result()
+        n = len(bag.dataset)
+        if n == 0:
+            # No instance (e.g. no tissue found): no feature file, so that training never sees an empty bag.
+            reason = bag.attrs.get("empty_reason", "no instance to extract")
+            atomic_write_text(failed, f"{source.source}: {reason}\n")
+            return BagResult(source.bag_id, source.source, "empty", error=reason)
+        with tqdm(total=n, desc=source.bag_id, unit="img", leave=False, disable=not show, position=1) as bar:
+            features, busy = encode_dataset(bag.dataset, encoder, device=device, batch_size=batch_size,
+                                            num_workers=num_workers, precision=precision, progress=bar)
+        attrs = {"encoder": encoder_label(encoder), "encoder_version": encoder.version,
+                 "encoder_weights": encoder.weights, "feature_dim": int(features.shape[1]), **bag.attrs}
+        write_bag(target, features, bag.coords, attrs=attrs, extras=bag.extras)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # any problem with one input is reported against that input
+        message = f"{type(err).__name__}: {err}"
+        if not skip_errors:
+            raise ExtractError(f"{source.source}: {message} (use --skip-errors to go on with the others)") from err
+        atomic_write_text(failed, f"{source.source}: {message}\n\n{traceback.format_exc()}")
+        return BagResult(source.bag_id, source.source, "failed", seconds=time.perf_counter() - start, error=message)
+    failed.unlink(missing_ok=True)
+    return BagResult(source.bag_id, source.source, "done", n, time.perf_counter() - start, busy)
+
+
+def encoder_label(encoder) -> str:
+    """The `encoder` attribute of feature files: the name, plus the weights when they are not the published
+    ones, so that `qgmil predict` refuses to mix features of random and pretrained weights."""
+    if encoder.weights == "pretrained":
+        return encoder.name
+    weights = encoder.weights if encoder.weights.startswith("random") else Path(encoder.weights).name
+    return f"{encoder.name} (weights={weights})"
+
+
+def resolve_workers(num_workers: int | None) -> int:
+    """None -> a sensible default: up to 8 workers, leaving a core for the main process."""
+    if num_workers is not None:
+        return num_workers
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+

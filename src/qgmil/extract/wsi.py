@@ -1,0 +1,154 @@
+"""Whole-slide images -> one feature bag per slide: tissue mask, tiles at a physical size, encoder features.
+
+    extract_slides(["slides/"], "features_uni", encoder="uni", magnification=20, tile_px=256)
+
+writes features/<slide>.h5 (features (N, D), coords (N, 2) level-0 px of each tile's top-left corner,
+tissue_fraction (N,), provenance attributes) and masks/<slide>.png (the tissue mask over the thumbnail, to
+check the segmentation), see `engine` for the rest of the folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..train.distributed import init_distributed, shutdown
+from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, resolve_workers, run_extraction
+from .slide import PLAIN_SUFFIXES, WSI_SUFFIXES, open_slide
+from .tiling import TileDataset, plan_tiles
+from .tissue import save_mask_png, segment_tissue
+
+SLIDE_SUFFIXES = tuple(dict.fromkeys(WSI_SUFFIXES + PLAIN_SUFFIXES))
+DEFAULT_MAGNIFICATION = 20.0
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    """How slides are cut. Resolution: `tile_um` (physical tile side) or `magnification` (20 = 0.5 um/px);
+    neither: 20x. `mpp` overrides (or supplies) the slides' level-0 resolution."""
+
+    tile_px: int = 256
+    tile_um: float | None = None
+    magnification: float | None = None
+    min_tissue: float = 0.5
+    tissue: bool = True  # False: tile the whole slide (e.g. images that are all tissue)
+    tissue_threshold: float | None = None  # saturation 0-255; None: Otsu per slide
+    min_saturation: float = 15.0
+    mask_size: int = 2048  # long side of the thumbnail the tissue is segmented on
+    mpp: float | None = None
+
+    def __post_init__(self):
+        if self.tile_um is not None and self.magnification is not None:
+            raise ExtractError("give either a tile size in micrometres (--tile-um) or a magnification, not both")
+        if self.tile_px < 8:
+            raise ExtractError(f"tile size {self.tile_px} px is too small")
+        if not 0 <= self.min_tissue <= 1:
+            raise ExtractError(f"min tissue fraction must be in [0, 1], got {self.min_tissue}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ExtractError(f"--mpp must be > 0, got {self.mpp}")
+
+    @property
+    def resolution(self) -> dict:
+        if self.tile_um is not None:
+            return {"tile_um": self.tile_um}
+        return {"magnification": self.magnification or DEFAULT_MAGNIFICATION}
+
+
+def find_slides(paths: Sequence[str | Path], recursive: bool = False) -> list[Path]:
+    """Slide files named directly or found in folders (by suffix), sorted, each once."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            found += sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+                            and not p.name.startswith("."))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ExtractError(f"{path}: no such slide or folder")
+    if not found:
+        raise ExtractError(f"no slides found in {', '.join(map(str, paths))} "
+                           f"(looked for {', '.join(SLIDE_SUFFIXES)})")
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def tissue_mask(slide, settings: TilingSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(thumbnail (h, w, 3) uint8, tissue mask (h, w) bool) of an open slide."""
+    # Small slides need no full-resolution mask: a quarter of level 0 still gives >= 32 mask px per tile side.
+    thumb = slide.thumbnail(min(settings.mask_size, max(slide.dimensions) // 4))
+    return thumb, segment_tissue(thumb, threshold=settings.tissue_threshold, min_saturation=settings.min_saturation)
+
+
+def prepare_slide(source: BagSource, settings: TilingSettings, out: Path) -> PreparedBag:
+    """Open a slide, segment its tissue, plan its tiles -> a PreparedBag whose dataset reads the tiles."""
+    path = Path(source.source)
+    with open_slide(path, mpp=settings.mpp) as slide:
+        mask = None
+        if settings.tissue:
+            thumb, mask = tissue_mask(slide, settings)
+            save_mask_png(mask, out / "masks" / f"{source.bag_id}.png", thumb)
+        tiling = plan_tiles(slide, mask, tile_px=settings.tile_px, min_tissue=settings.min_tissue,
+                            **settings.resolution)
+        slide_mpp, slide_mag, size = slide.mpp, slide.magnification, slide.dimensions
+    attrs = {
+        "source": path.name,
+        "slide_width": size[0], "slide_height": size[1],
+        "mpp": slide_mpp, "magnification": slide_mag, "target_mpp": tiling.target_mpp,
+        "patch_size_px": tiling.tile_px, "patch_size_um": tiling.tile_um,
+        "patch_size_level0": tiling.patch_size_level0, "patch_level": tiling.level, "read_size": tiling.read_size,
+        "min_tissue": settings.min_tissue,
+    }
+    if not len(tiling):
+        where = f"; see masks/{source.bag_id}.png" if settings.tissue else ""
+        attrs["empty_reason"] = (f"no tile with >= {settings.min_tissue:.0%} tissue{where} "
+                                 "(lower --min-tissue or --tissue-threshold)")
+    dataset = TileDataset(path, tiling, mpp=settings.mpp)
+    return PreparedBag(source, dataset, tiling.coords, attrs, {"tissue_fraction": tiling.tissue})
+
+
+def extract_slides(
+    slides: Sequence[str | Path],
+    out: str | Path,
+    encoder: str = "resnet50_trunc",
+    *,
+    weights: str = "pretrained",
+    settings: TilingSettings | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    skip_errors: bool = False,
+    recursive: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    command: str | None = None,
+) -> ExtractSummary:
+    """Extract features of every slide in `slides` (files or folders) into `out` (resumable, torchrun-aware)."""
+    from .encoders import create_encoder
+
+    settings = settings or TilingSettings()
+    out = Path(out)
+    sources = [BagSource(p.stem, str(p)) for p in find_slides(slides, recursive)]
+    dist = init_distributed(device)
+    try:
+        model = create_encoder(encoder, weights, seed=seed)
+        manifest = {
+            "kind": "wsi",
+            "encoder": {"name": model.name, "weights": model.weights, "dim": model.dim},
+            "settings": asdict(settings),
+            "encoder_version": model.version,
+            "qgmil_version": __version__,
+            "command": command,
+        }
+        return run_extraction(
+            sources, out, model, lambda source: prepare_slide(source, settings, out), manifest=manifest, dist=dist,
+            batch_size=batch_size, num_workers=resolve_workers(num_workers), precision=precision,
+            skip_errors=skip_errors, progress=progress,
+        )
+    finally:
+        shutdown(dist)
