@@ -125,6 +125,9 @@ def main() -> None:
         print(f"| {name:55s} | {rate:7.1f} |")
     print(f"\nreader headroom (reading with workers / encoder alone): {read_w / enc:.2f}x")
     print(f"encoder busy during the whole extraction: {100 * summary.encoder_busy:.0f}% of the time")
+    waited = sum(r.prepare_wait_seconds for r in summary.results)
+    print(f"waiting for slide preparation (tissue mask, tiling; the first slide's is not overlapped): {waited:.1f} s "
+          f"of {sum(r.seconds for r in summary.results):.1f} s")
 
 
 if __name__ == "__main__":

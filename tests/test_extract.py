@@ -185,6 +185,7 @@ def test_cell_folders_and_table_give_the_same_bags(tmp_path):
         assert bag.features.shape == (len(cells), 64) and bag.coords is None
         assert list(bag.extras["instance_names"]) == cells
         assert bag.attrs["cell_px"] == 160  # test_vit's input size
+        assert all((Path(bag.attrs["image_root"]) / name).is_file() for name in bag.extras["instance_names"])
 
     rows = [{"path": f"cells/{'aml' if s == 'p2' else 'normal'}/{s}/{c}", "sample_id": s}
             for s, cells in names.items() for c in cells]
@@ -195,6 +196,7 @@ def test_cell_folders_and_table_give_the_same_bags(tmp_path):
         a, b = (read_bag(o / "features" / f"{sample}.h5") for o in (out, out2))
         np.testing.assert_allclose(a.features, b.features, atol=1e-6)
         assert [Path(n).name for n in b.extras["instance_names"]] == names[sample]
+        assert all((Path(b.attrs["image_root"]) / name).is_file() for name in b.extras["instance_names"])
 
 
 def test_cell_inputs_are_checked(tmp_path):

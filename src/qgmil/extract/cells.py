@@ -154,7 +154,9 @@ def extract_cells(
 
         def prepare(source: BagSource) -> PreparedBag:
             sample: CellSample = source.payload
-            attrs = {"source": source.source, "cell_px": size, "num_cells": len(sample.images)}
+            # image_root / instance_name is each cell's image: what `qgmil explain cells` shows.
+            attrs = {"source": source.source, "image_root": str(sample.folder.resolve()), "cell_px": size,
+                     "num_cells": len(sample.images)}
             return PreparedBag(source, CellDataset(sample.images, size), None, attrs,
                                {"instance_names": sample.names})
 

@@ -13,9 +13,11 @@ the bags (sorted, round-robin), so ranks never write the same file; rank 0 write
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from ..data.bagfile import write_bag
 from ..train.distributed import Dist, all_gather, barrier
 
 MANIFEST = "extract.json"
+PREPARE_AHEAD = 2  # bags prepared in background threads while one is encoded
 
 
 class ExtractError(ValueError):
@@ -68,6 +71,7 @@ class BagResult:
     num_instances: int = 0
     seconds: float = 0.0
     encode_seconds: float = 0.0
+    prepare_wait_seconds: float = 0.0  # waiting for the bag's preparation (slide open, tissue, tiling)
     error: str = ""
 
 
@@ -135,7 +139,8 @@ def _write_results(out: Path, results: Sequence[BagResult]) -> None:
     import pandas as pd
 
     frame = pd.DataFrame([r.__dict__ for r in results],
-                         columns=["bag_id", "source", "status", "num_instances", "seconds", "encode_seconds", "error"])
+                         columns=["bag_id", "source", "status", "num_instances", "seconds", "encode_seconds",
+                                  "prepare_wait_seconds", "error"])
     atomic_write_text(out / "bags.csv", frame.to_csv(index=False))
 
 
@@ -152,30 +157,38 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _chunks(loader, size: int):
+    """Regroup the loader's small batches into batches of `size` images (the last may be smaller)."""
+    pending, count = [], 0
+    for images in loader:
+        pending.append(images)
+        count += len(images)
+        if count >= size:
+            yield torch.cat(pending) if len(pending) > 1 else pending[0]
+            pending, count = [], 0
+    if pending:
+        yield torch.cat(pending)
 
 
-@torch.inference_mode()
 def encode_dataset(dataset, encoder: torch.nn.Module, *, device: torch.device, batch_size: int = 64,
                    num_workers: int = 0, precision: str = "auto", progress: tqdm | None = None
                    ) -> tuple[np.ndarray, float]:
     """All images of `dataset` through `encoder`, in order -> ((N, D) float32 features, seconds encoding)."""
     dtype = autocast_dtype(precision, device)
+    # Workers hand over small batches so that all of them read at once even on a small slide; the encoder
+    # still gets full batches of `batch_size`.
+    per_worker = max(1, min(32, batch_size, math.ceil(len(dataset) / max(1, 2 * num_workers))))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+        dataset, batch_size=per_worker if num_workers else batch_size, shuffle=False, num_workers=num_workers,
+        prefetch_factor=4 if num_workers else None,
     )
     features = np.empty((len(dataset), encoder.dim), dtype=np.float32)
     row, busy = 0, 0.0
-    for images in loader:
+    for images in _chunks(loader, batch_size):
         start = time.perf_counter()
-        images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = encoder(images)
-        out = out.float().cpu().numpy()
-        _sync(device)
+            out = encoder(images.to(device))
+        out = out.float().cpu().numpy()  # waits for the device, so `busy` is the encoder's real time
         busy += time.perf_counter() - start
         features[row:row + len(out)] = out
         row += len(out)
@@ -225,11 +238,14 @@ def run_extraction(
     todo = [s for s in mine if not feature_path(out, s.bag_id).exists()]
     encoder = encoder.to(dist.device)
     show = progress and dist.is_main
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgmil-prepare") as pool:
-        # The next bag is prepared (slide opened, tissue segmented, tiles planned) while this one is encoded.
-        ahead = pool.submit(prepare, todo[0]) if todo else None
+    with ThreadPoolExecutor(max_workers=PREPARE_AHEAD, thread_name_prefix="qgmil-prepare") as pool:
+        # The next bags are prepared (slide opened, tissue segmented, tiles planned) while this one is encoded;
+        # the work is numpy/scipy/Pillow/openslide, which release the GIL, so threads run it side by side.
+        pending = deque(pool.submit(prepare, s) for s in todo[:PREPARE_AHEAD])
         for i, source in enumerate(tqdm(todo, desc="bags", unit="bag", disable=not show, position=0)):
-            current, ahead = ahead, pool.submit(prepare, todo[i + 1]) if i + 1 < len(todo) else None
+            current = pending.popleft()
+            if i + PREPARE_AHEAD < len(todo):
+                pending.append(pool.submit(prepare, todo[i + PREPARE_AHEAD]))
             results.append(_extract_one(source, current, out, encoder, dist.device, batch_size, num_workers,
                                         precision, skip_errors, show))
 
@@ -248,6 +264,7 @@ def _extract_one(source: BagSource, prepared: Future, out: Path, encoder, device
     start = time.perf_counter()
     try:
         bag = prepared.result()
+        waited = time.perf_counter() - start
         n = len(bag.dataset)
         if n == 0:
             # No instance (e.g. no tissue found): no feature file, so that training never sees an empty bag.
@@ -269,7 +286,7 @@ def _extract_one(source: BagSource, prepared: Future, out: Path, encoder, device
         atomic_write_text(failed, f"{source.source}: {message}\n\n{traceback.format_exc()}")
         return BagResult(source.bag_id, source.source, "failed", seconds=time.perf_counter() - start, error=message)
     failed.unlink(missing_ok=True)
-    return BagResult(source.bag_id, source.source, "done", n, time.perf_counter() - start, busy)
+    return BagResult(source.bag_id, source.source, "done", n, time.perf_counter() - start, busy, waited)
 
 
 def encoder_label(encoder) -> str:
