@@ -14,6 +14,7 @@ keep it fed. All figures are measured in this one run, on this machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from qgmil.extract.encoders import create_encoder
-from qgmil.extract.engine import autocast_dtype
+from qgmil.train.distributed import autocast_dtype
 from qgmil.extract.slide import open_slide
 from qgmil.extract.tiling import TileDataset, plan_tiles
 from qgmil.extract.wsi import TilingSettings, extract_slides
@@ -64,7 +65,7 @@ def read_rate(slides, workers: int, batch: int, mpp: float | None) -> tuple[int,
 
 @torch.inference_mode()
 def encode_rate(encoder, n: int, batch: int, device: torch.device, precision: str) -> float:
-    dtype = autocast_dtype(precision, device)
+    dtype = autocast_dtype(device, precision)
     tiles = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         encoder(tiles.to(device))  # warm-up
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--mosaic", type=int, default=1, help="tile the slide K x K into one larger slide")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
     device = torch.device(args.device)
     if not args.slide.is_file():
@@ -121,6 +123,11 @@ def main() -> None:
         (f"whole extraction, {args.workers} workers (tissue tiles)", summary.instances_per_second),
     ]
     print(f"| {'stage':55s} | tiles/s |\n|{'-' * 57}|---------|")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"encoder": args.encoder, "workers": args.workers, "device": str(device),
+                       "rows": [{"stage": name, "tiles_per_s": rate} for name, rate in rows],
+                       "encoder_busy": summary.encoder_busy}, f, indent=1)
     for name, rate in rows:
         print(f"| {name:55s} | {rate:7.1f} |")
     print(f"\nreader headroom (reading with workers / encoder alone): {read_w / enc:.2f}x")

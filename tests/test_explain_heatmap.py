@@ -8,7 +8,7 @@ import pytest
 
 from qgmil.explain.heatmap import (
     HeatmapError, attention_heatmap, bag_geometry, find_slide, normalise_attention, read_thumbnail, render_overlay,
-    render_panels,
+    render_panels, restrict_to_tissue,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -183,7 +183,7 @@ def wsi_runs(tmp_path_factory):
     data = root / "wsi"
     prepare_dataset("synthetic-wsi", data, bags=4, min_instances=300, max_instances=600, dim=16, progress=False)
     runs = {}
-    for model in ("abmil", "mean_pool"):
+    for model in ("abmil", "mean_pool", "clam_mb"):
         config = load_config(None, [], {
             "data.table": data / "labels.csv", "data.features": data / "features", "eval.folds": 2,
             "optim.epochs": 2, "optim.batch_size": 4, "runtime.progress": False, "runtime.tensorboard": False,
@@ -224,3 +224,137 @@ def test_explain_heatmap_cli(wsi_runs, tmp_path):
     result = CliRunner().invoke(main, ["explain", "heatmap", str(wsi_runs["abmil"]), "--bags", "nope",
                                        "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "nope" in result.output
+
+
+# --- tissue only, branches, patient bags ------------------------------------------------------------
+
+def test_tissue_only_leaves_glass_unpainted(tmp_path):
+    from PIL import Image
+
+    from qgmil.extract.tissue import segment_tissue
+
+    rng = np.random.default_rng(0)
+    small = (np.array([220, 150, 200]) + rng.integers(-10, 10, (48, 64, 3))).clip(0, 255).astype(np.uint8)
+    small[:, 40:] = 255  # glass right of x = 1280 (level 0), under tiles too
+    slide = tmp_path / "s.png"
+    Image.fromarray(small).resize((2048, 1536), Image.NEAREST).save(slide)
+    thumb, size = read_thumbnail(slide, 200)  # 200 x 150: not the heat's grid
+    tissue = segment_tissue(thumb)
+    heat = attention_heatmap(grid(8, 6), np.linspace(0.1, 1, 48), 256, slide_size=size, scale=16)  # 128 x 96
+    masked = restrict_to_tissue(heat, tissue)
+    assert masked.shape == heat.shape == (96, 128) and not np.isnan(heat).any()  # the input is kept
+    assert np.isnan(masked[:, 82:]).all()  # x >= 1312 at level 0: glass
+    assert np.isfinite(masked[:, :78]).mean() > 0.99  # x < 1248: tissue (the mask may lose a corner pixel)
+    out = render_overlay(masked, tmp_path / "o.png", background=thumb, colorbar=False)
+    with Image.open(out) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=int)  # 512 x 384: each heat pixel 4 x 4
+    assert (rgb[:, 4 * 84:] > 245).all()  # glass stays white: no heat painted
+    assert np.abs(rgb[:, :4 * 76] - [220, 150, 200]).max(axis=2).mean() > 40  # tissue is painted
+
+
+def test_branch_attention_saved_and_drawn(wsi_runs, tmp_path):
+    import h5py
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from qgmil.cli import main
+    from qgmil.evaluate.predict import predict_bags
+    from qgmil.explain import run_metrics
+
+    run = wsi_runs["clam_mb"]
+    files = sorted(run.glob("folds/*/attention.h5"))
+    for path in files:
+        with h5py.File(path) as f:
+            group = f["branch_attention"]
+            assert list(group.attrs["names"]) == ["negative", "positive"]
+            assert set(group) == {k for k in f if k != "branch_attention"}
+            for bag_id in group:
+                b, a = group[bag_id][()], f[bag_id][()]
+                assert b.dtype == np.float32 and b.shape == (2, a.size)
+                np.testing.assert_allclose(b.sum(1), 1, atol=1e-4)
+                assert min(np.abs(b - a).max(1)) < 1e-6  # the pooling attention is the predicted class's branch
+    assert len(run_metrics(run)) == 4  # the mass reader skips the group
+
+    out = tmp_path / "br"
+    result = CliRunner().invoke(main, ["explain", "heatmap", str(run), "--branches", "--bags", "slide_0000",
+                                       "--max-size", "128", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["explain", "heatmap", str(run), "--bags", "slide_0000",
+                                       "--max-size", "128", "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    with Image.open(out / "slide_0000.png") as two, Image.open(tmp_path / "one" / "slide_0000.png") as one:
+        panel = one.size[0] - 90  # minus the colorbar
+        assert two.size == (2 * panel + 10 + 90, one.size[1])  # K = 2 panels, 10 px apart
+
+    for args, message in ((["--branches"], "no branch attention"),
+                          (["--branches", str(run)], "one run, got 2 run directories")):
+        result = CliRunner().invoke(main, ["explain", "heatmap", str(wsi_runs["abmil"]), *args, "--out", str(out)])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+    # `qgmil predict` with a run: the fold models' branch attentions averaged
+    data = run / "data" / "synthetic-wsi"
+    data = data if data.is_dir() else Path(load_table_dir(run))
+    predict_bags(run, data / "labels.csv", tmp_path / "pred", progress=False)
+    with h5py.File(tmp_path / "pred" / "attention.h5") as f:
+        group = f["branch_attention"]
+        assert list(group.attrs["names"]) == ["negative", "positive"] and len(group) == 4
+        for bag_id in group:
+            assert group[bag_id].shape == (2, f[bag_id].shape[0])
+            np.testing.assert_allclose(group[bag_id][()].sum(1), 1, atol=1e-4)
+
+
+def load_table_dir(run):
+    from qgmil.train.config import load_config
+
+    return load_config(run / "config.yaml").data.table.parent
+
+
+@pytest.fixture(scope="module")
+def patient_run(tmp_path_factory):
+    from qgmil.data import prepare_dataset
+    from qgmil.train.config import load_config
+    from qgmil.train.run import train_run
+
+    root = tmp_path_factory.mktemp("patients")
+    data = root / "wsi"
+    prepare_dataset("synthetic-wsi", data, bags=8, min_instances=100, max_instances=200, dim=8, slides_per_patient=2,
+                    progress=False)
+    config = load_config(None, [], {
+        "data.table": data / "labels.csv", "data.features": data / "features", "data.bag_unit": "patient",
+        "eval.folds": 2, "optim.epochs": 1, "optim.batch_size": 4, "runtime.progress": False,
+        "runtime.tensorboard": False, "model.name": "abmil", "eval.bootstrap": 10})
+    train_run(config, root / "run")
+    return root / "run", data
+
+
+def test_patient_bags_one_png_per_slide(patient_run, tmp_path):
+    import h5py
+    import pandas as pd
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from qgmil.cli import main
+
+    run, data = patient_run
+    table = pd.read_csv(data / "labels.csv")
+    slides = table.loc[table["patient_id"] == "patient_0001", "bag_id"].tolist()
+    n = [bag_geometry(data / "features" / f"{s}.h5")[0].shape[0] for s in slides]
+    # attention growing along the bag: the first slide holds the low ranks, the second the high ones
+    for path in run.glob("folds/*/attention.h5"):
+        with h5py.File(path, "r+") as f:
+            if "patient_0001" in f:
+                assert f["patient_0001"].shape == (sum(n),)
+                f["patient_0001"][...] = np.arange(1, sum(n) + 1, dtype=np.float32) / (sum(n) * (sum(n) + 1) / 2)
+    out = tmp_path / "p"
+    result = CliRunner().invoke(main, ["explain", "heatmap", str(run), "--bags", "patient_0001", "--max-size", "128",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.png")) == [f"patient_0001__{s}.png" for s in slides]
+
+    def redness(name):
+        with Image.open(out / name) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=int)[40:, :-90]  # below the title, left of the colorbar
+        painted = rgb.min(axis=2) < 245
+        return float((rgb[..., 0] - rgb[..., 2])[painted].mean())
+
+    assert redness(f"patient_0001__{slides[0]}.png") < -30 < 30 < redness(f"patient_0001__{slides[1]}.png")

@@ -81,10 +81,12 @@ def predict_bags(
     """Average the probabilities (and attention) of the source's models over the bags of `data`.
 
     Writes OUT/predictions.csv (bag_id, patient_id, label if known, pred, prob_<class>),
-    OUT/attention.h5 (one dataset per bag: the mean pooling attention over its real instances) and,
-    when every bag has a known label, OUT/metrics.json.
+    OUT/attention.h5 (one dataset per bag: the mean pooling attention over its real instances; for
+    multi-branch models also the group `branch_attention`: per bag the mean (K, N) branch attentions,
+    attrs["names"]) and, when every bag has a known label, OUT/metrics.json.
     """
     from ..data import make_loader
+    from ..train.loop import branch_names, write_branch_attention
 
     checkpoints = find_checkpoints(source)
     metas = [read_metadata(p) for p in checkpoints]
@@ -102,6 +104,8 @@ def predict_bags(
     n = len(dataset)
     probs = np.zeros((n, len(classes)))
     attention: list[np.ndarray | None] = [None] * n
+    branches: list[np.ndarray | None] = [None] * n  # (K, N) per bag, multi-branch models only
+    names = None
     for path in tqdm(checkpoints, desc="models", disable=not progress or len(checkpoints) == 1):
         model = load_model(path, device=device)
         with torch.no_grad():
@@ -110,10 +114,17 @@ def predict_bags(
                 output = model(batch.x.to(device), batch.mask.to(device))
                 p = output.logits.float().softmax(-1).cpu().numpy()
                 a = output.attention.float().cpu().numpy()
+                b = None if output.branch_attention is None else output.branch_attention.float().cpu().numpy()
                 for row, i in enumerate(batch.index.tolist()):
+                    real = batch.mask[row].numpy()
                     probs[i] += p[row] / len(checkpoints)
-                    share = a[row][batch.mask[row].numpy()] / len(checkpoints)
+                    share = a[row][real] / len(checkpoints)
                     attention[i] = share if attention[i] is None else attention[i] + share
+                    if b is not None:
+                        share = b[row][:, real] / len(checkpoints)
+                        branches[i] = share if branches[i] is None else branches[i] + share
+                if b is not None and names is None:
+                    names = branch_names(model, classes, b.shape[1])
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +142,8 @@ def predict_bags(
             f.attrs["models"] = [str(p) for p in checkpoints]
             for bag_id, att in zip(dataset.bag_ids, attention):
                 f.create_dataset(bag_id, data=att.astype(np.float32))
+            if names is not None:
+                write_branch_attention(f, dataset.bag_ids, branches, names)
 
     atomic_write(out / "attention.h5", write_attention)
     if len(y) and (y >= 0).all():

@@ -4,6 +4,8 @@
   render_overlay(heat, path, background=thumbnail)                     -> PNG (matplotlib Agg, atomic)
   read_thumbnail(slide_path, max_size)                                 -> (RGB uint8, level-0 (W, H))
   run_heatmaps(run_dirs, out, bags=...)                                -> OUT/<bag_id>.png per bag
+      branches=True: a panel per attention branch (clam_mb: per class); patches=k: also OUT/<bag_id>_patches.png,
+      the k most / least attended tiles (gallery.py); tissue_only=True: no heat off the thumbnail's tissue
 
 The heat is never built at level-0 resolution: tile rectangles are mapped to the output grid
 (level-0 px / scale) and painted with a 2-D difference array, O(N + H' W') time and memory, so a
@@ -15,8 +17,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -267,7 +269,8 @@ def bag_geometry(path) -> tuple[np.ndarray, float]:
     return coords, patch
 
 
-def _bag_files(run) -> dict[str, tuple[Path, ...]]:
+def _bag_units(run):
+    """{bag_id: Unit (files, slide_ids)} of the run's dataset, bags as the run built them (slide or patient)."""
     from ..data import MILDataset
     from ..train.config import load_config
     from .mass import _dataset_location
@@ -280,7 +283,13 @@ def _bag_files(run) -> dict[str, tuple[Path, ...]]:
                                      bag_unit=config.data.bag_unit)
     except (ValueError, OSError) as err:
         raise HeatmapError(f"{run.run_dir}: cannot read the dataset ({err})") from None
-    return {u.bag_id: u.files for u in data.units}
+    return {u.bag_id: u for u in data.units}
+
+
+def run_names(runs) -> list[str]:
+    """Each run's model name, with its directory name where two runs share a model."""
+    names = [r.model for r in runs]
+    return [f"{n} ({r.run_dir.name})" if names.count(n) > 1 else n for n, r in zip(names, runs)]
 
 
 def bag_attention(run, bag_id: str) -> tuple[np.ndarray, int]:
@@ -293,55 +302,149 @@ def bag_attention(run, bag_id: str) -> tuple[np.ndarray, int]:
     return np.mean(np.stack(found).astype(np.float64), axis=0), len(found)
 
 
+def bag_branch_attention(run, bag_id: str) -> tuple[np.ndarray, list[str], int]:
+    """((K, N) branch attention, K branch names, seeds averaged): the mean over the seeds that tested the bag,
+    from the `branch_attention` group of folds/*/attention.h5 (multi-branch models only)."""
+    import h5py
+
+    from ..train.loop import BRANCH_GROUP
+
+    found, names, any_group = [], None, False
+    for path in sorted((run.run_dir / "folds").glob("*/attention.h5")):
+        with h5py.File(path, "r") as f:
+            group = f.get(BRANCH_GROUP)
+            if not isinstance(group, h5py.Group):
+                continue
+            any_group = True
+            if bag_id in group:
+                found.append(group[bag_id][()])
+                names = [str(n) for n in group.attrs.get("names", [])]
+    if not any_group:
+        raise HeatmapError(f"{run.run_dir}: no branch attention in folds/*/attention.h5 ({run.model} is not a "
+                           "multi-branch model such as clam_mb, dsmil or acmil, or the run predates --branches)")
+    if not found:
+        raise HeatmapError(f"{run.run_dir}: bag {bag_id!r} has no test branch attention")
+    if len({a.shape for a in found}) != 1:
+        raise HeatmapError(f"{run.run_dir}: bag {bag_id!r}: branch attention of different shapes across seeds")
+    mean = np.mean(np.stack(found).astype(np.float64), axis=0)
+    if len(names or []) != mean.shape[0]:
+        names = [f"branch {i}" for i in range(mean.shape[0])]
+    return mean, names, len(found)
+
+
+def restrict_to_tissue(heat: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """A copy of the (H', W') heat that is NaN (unpainted) where the (h, w) bool tissue mask of the thumbnail
+    is False; each heat pixel takes the mask value under its centre (the two cover the same slide)."""
+    heat = np.array(heat, dtype=np.float64)
+    tissue = np.asarray(tissue, dtype=bool)
+    rows = np.minimum(((np.arange(heat.shape[0]) + 0.5) * tissue.shape[0] / heat.shape[0]).astype(np.int64),
+                      tissue.shape[0] - 1)
+    cols = np.minimum(((np.arange(heat.shape[1]) + 0.5) * tissue.shape[1] / heat.shape[1]).astype(np.int64),
+                      tissue.shape[1] - 1)
+    heat[~tissue[np.ix_(rows, cols)]] = np.nan
+    return heat
+
+
 def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, slides=None,
                  normalise: str = "rank", cmap: str = "jet", alpha: float = 0.5, max_size: int = 2048,
-                 echo=None) -> list[Path]:
+                 branches: bool = False, patches: int = 0, tissue_only: bool = False, echo=None,
+                 progress: bool = False) -> list[Path]:
     """Write OUT/<bag_id>.png per bag (default: the first 3 test bags of the first run): one panel per
     run, titled with its model name, over the slide thumbnail from `slides`; without a slide, on white
-    and cropped to the tiles' bounding box."""
+    and cropped to the tiles' bounding box.
+
+    branches: one panel per attention branch of a single multi-branch run (clam_mb: per class) instead.
+    patches: also OUT/<bag_id>_patches.png, the `patches` most and least attended tiles of every panel's
+        attention, cropped from the slide (needs `slides`).
+    tissue_only: no heat off the tissue that `segment_tissue` finds on the thumbnail (needs `slides`).
+    A patient bag spanning several slides gives OUT/<bag_id>__<slide_id>.png (and _patches) per slide,
+    each with its slide's share of the bag's attention (ranks taken over the whole bag).
+    """
+    from tqdm.auto import tqdm
+
     from .mass import load_run
 
     if normalise not in NORMALISE:
         raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, got {normalise!r}")
+    if (patches or tissue_only) and not slides:
+        raise HeatmapError(f"{'--patches' if patches else '--tissue-only'} needs the slides (--slides): "
+                           "it reads them, not the feature files")
     runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise ValueError("no run directory")
-    if not bags:
-        bags = list(dict.fromkeys(runs[0].rows["bag_id"]))[:3]
-    names = [r.model for r in runs]
-    names = [f"{n} ({r.run_dir.name})" if names.count(n) > 1 else n for n, r in zip(names, runs)]
-    files = _bag_files(runs[0])
+    if branches and len(runs) > 1:
+        raise HeatmapError(f"--branches draws the branches of one run, got {len(runs)} run directories")
+    bags = [str(b) for b in bags] if bags else list(dict.fromkeys(runs[0].rows["bag_id"]))[:3]
+    names = run_names(runs)
+    units = _bag_units(runs[0])
     out = Path(out)
     written = []
-    for bag_id in bags:
-        bag_id = str(bag_id)
-        if bag_id not in files:
+    for bag_id in tqdm(bags, desc="heatmaps", unit="bag", disable=not progress):
+        if bag_id not in units:
             raise HeatmapError(f"{runs[0].run_dir}: bag {bag_id!r} is not in the run's dataset")
-        if len(files[bag_id]) != 1:
-            raise HeatmapError(f"bag {bag_id!r} spans {len(files[bag_id])} slides (patient-level bags): "
-                               "heatmaps are drawn per slide only")
-        coords, patch = bag_geometry(files[bag_id][0])
-        background, slide_size = None, None
-        slide = find_slide(slides, bag_id) if slides else None
-        if slides and slide is None and echo:
-            echo(f"{bag_id}: no slide {Path(slides) / bag_id}.* - drawing on white")
-        if slide is not None:
-            background, slide_size = read_thumbnail(slide, max_size)
-        if slide_size is None:  # no slide: frame the tiles' bounding box only
-            coords = coords - coords.min(axis=0)
-            slide_size = (coords[:, 0].max() + patch, coords[:, 1].max() + patch)
-        scale = default_scale(slide_size, max_size)
-        heats, titles = [], []
-        for run, name in zip(runs, names):
-            a, n_rows = bag_attention(run, bag_id)
-            if a.size != coords.shape[0]:
+        unit = units[bag_id]
+        geometry = [bag_geometry(f) for f in unit.files]
+        offsets = np.cumsum([0] + [c.shape[0] for c, _ in geometry])
+        views = []  # (run, panel title, weights over the whole bag)
+        if branches:
+            a, branch_labels, n_rows = bag_branch_attention(runs[0], bag_id)
+            seeds = "" if n_rows == 1 else f" (mean of {n_rows} seeds)"
+            views = [(runs[0], f"{names[0]} / {b}{seeds}", w) for b, w in zip(branch_labels, a)]
+        else:
+            for run, name in zip(runs, names):
+                a, n_rows = bag_attention(run, bag_id)
+                views.append((run, name if n_rows == 1 else f"{name} (mean of {n_rows} seeds)", a))
+        for run, _, a in views:
+            if a.size != offsets[-1]:
                 raise HeatmapError(f"{run.run_dir}: bag {bag_id!r}: attention over {a.size} instances, "
-                                   f"its feature file has {coords.shape[0]} coords")
-            heats.append(attention_heatmap(coords, a, patch, slide_size=slide_size, scale=scale,
-                                           normalise=normalise))
-            titles.append(name if n_rows == 1 else f"{name} (mean of {n_rows} seeds)")
-        bounds = dict(vmin=0.0, vmax=1.0) if normalise != "none" else {}
-        written.append(render_panels(heats, out / f"{bag_id}.png", background=background,
-                                     titles=[f"{bag_id}: {t}" for t in titles] if len(runs) == 1 else titles,
-                                     cmap=cmap, alpha=alpha, **bounds))
+                                   f"its feature file(s) have {offsets[-1]} coords")
+        # rank / minmax over the whole bag, so the slides of a patient share one scale
+        shown = [(t, normalise_attention(a, normalise)) for _, t, a in views]
+        for i, ((coords, patch), slide_id) in enumerate(zip(geometry, unit.slide_ids)):
+            stem = bag_id if len(unit.files) == 1 else f"{bag_id}__{slide_id}"
+            parts = [(t, a[offsets[i]:offsets[i + 1]]) for t, a in shown]
+            raw = [a[offsets[i]:offsets[i + 1]] for _, _, a in views]
+            written += _draw_slide(stem, coords, patch, slide_id, parts, raw, out, slides=slides, cmap=cmap,
+                                   alpha=alpha, max_size=max_size, bounded=normalise != "none", patches=patches,
+                                   tissue_only=tissue_only, single=len(runs) == 1, echo=echo)
+    return written
+
+
+def _draw_slide(stem: str, coords: np.ndarray, patch: float, slide_id: str, parts, raw, out: Path, *, slides,
+                cmap: str, alpha: float, max_size: int, bounded: bool, patches: int, tissue_only: bool,
+                single: bool, echo) -> list[Path]:
+    """OUT/<stem>.png (one panel per (title, normalised weights) of `parts`) and, with `patches`,
+    OUT/<stem>_patches.png (ranked on the `raw` weights, which the captions show)."""
+    from .gallery import ranked_rows, render_gallery, tile_crops
+
+    background, slide_size, tissue = None, None, None
+    slide = find_slide(slides, slide_id) if slides else None
+    if slides and slide is None and echo:
+        skipped = ", no tissue masking" if tissue_only else ""
+        skipped += ", no patch grid" if patches else ""
+        echo(f"{stem}: no slide {Path(slides) / slide_id}.* - drawing on white{skipped}")
+    if slide is not None:
+        background, slide_size = read_thumbnail(slide, max_size)
+        if tissue_only:
+            from ..extract.tissue import segment_tissue
+
+            tissue = segment_tissue(background)
+    if slide_size is None:  # no slide: frame the tiles' bounding box only
+        coords = coords - coords.min(axis=0)
+        slide_size = (coords[:, 0].max() + patch, coords[:, 1].max() + patch)
+    scale = default_scale(slide_size, max_size)
+    heats = []
+    for _, a in parts:
+        heat = attention_heatmap(coords, a, patch, slide_size=slide_size, scale=scale, normalise="none")
+        heats.append(heat if tissue is None else restrict_to_tissue(heat, tissue))
+    titles = [f"{stem}: {t}" if single else t for t, _ in parts]
+    bounds = {"vmin": 0.0, "vmax": 1.0} if bounded else {}
+    written = [render_panels(heats, out / f"{stem}.png", background=background, titles=titles, cmap=cmap,
+                             alpha=alpha, **bounds)]
+    if patches and slide is not None:
+        rows = []
+        with open_slide(slide) as opened:
+            for (title, _), a in zip(parts, raw):
+                rows += ranked_rows(title, a, patches, lambda idx: tile_crops(opened, coords, patch, idx))
+        written.append(render_gallery(rows, out / f"{stem}_patches.png", title=f"{stem}: most / least attended tiles"))
     return written

@@ -204,8 +204,9 @@ def load_run(run_dir: str | Path) -> RunAttention:
     for path in files:
         with h5py.File(path, "r") as f:
             fold, seed = int(f.attrs["fold"]), int(f.attrs["seed"])
-            for bag_id in f:
-                attention[(bag_id, fold, seed)] = f[bag_id][()]
+            for bag_id, item in f.items():
+                if isinstance(item, h5py.Dataset):  # groups (branch_attention/) hold other attentions
+                    attention[(bag_id, fold, seed)] = item[()]
     keys = list(zip(predictions["bag_id"], predictions["fold"].astype(int), predictions["seed"].astype(int)))
     keep = [k in attention for k in keys]
     rows = predictions.loc[keep, list(BAG_COLUMNS)].reset_index(drop=True)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..data.bagfile import write_bag
-from ..train.distributed import Dist, all_gather, barrier
+from ..train.distributed import Dist, all_gather, autocast_dtype, barrier
 
 MANIFEST = "extract.json"
 PREPARE_AHEAD = 2  # bags prepared in background threads while one is encoded
@@ -146,17 +146,6 @@ def _write_results(out: Path, results: Sequence[BagResult]) -> None:
 
 # --- encoding -----------------------------------------------------------------------------------
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """precision auto|fp32|bf16|fp16 -> the autocast dtype (None: full precision). auto = bf16 on GPU."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if precision == "fp32":
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        raise ExtractError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def _chunks(loader, size: int):
     """Regroup the loader's small batches into batches of `size` images (the last may be smaller)."""
     pending, count = [], 0
@@ -174,7 +163,7 @@ def encode_dataset(dataset, encoder: torch.nn.Module, *, device: torch.device, b
                    num_workers: int = 0, precision: str = "auto", progress: tqdm | None = None
                    ) -> tuple[np.ndarray, float]:
     """All images of `dataset` through `encoder`, in order -> ((N, D) float32 features, seconds encoding)."""
-    dtype = autocast_dtype(precision, device)
+    dtype = autocast_dtype(device, precision)
     # Workers hand over small batches so that all of them read at once even on a small slide; the encoder
     # still gets full batches of `batch_size`.
     per_worker = max(1, min(32, batch_size, math.ceil(len(dataset) / max(1, 2 * num_workers))))

@@ -35,6 +35,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """precision auto|fp32|bf16|fp16 -> the autocast dtype; None = full fp32.
+    "auto": bf16 on GPUs that support it (else fp16), fp32 on CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 def init_distributed(device_name: str = "auto") -> Dist:
     """Join the process group that `torchrun` describes in the environment (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -29,7 +29,7 @@ from ..data.splits import Fold
 from ..evaluate.metrics import HIGHER_IS_BETTER, classification_metrics
 from ..models import MILModel, create_model
 from .config import RunConfig
-from .distributed import Dist, all_gather, barrier
+from .distributed import Dist, all_gather, autocast_dtype, barrier
 from .state import load_state, save_state
 
 
@@ -65,15 +65,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """None = full fp32. "auto": bf16 on GPUs that support it (else fp16), fp32 on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """n / (C n_c): the mean weight over the training bags is 1 (absent classes get weight 0)."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
@@ -82,8 +73,11 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 def predict(model: MILModel, data: MILDataset, ctx: Dist, *, batch_size: int, dtype: torch.dtype | None,
-            attention: bool = False, num_workers: int = 0) -> tuple[np.ndarray, list[np.ndarray] | None]:
-    """-> probabilities (n, C) in dataset order (and each bag's attention over its real instances).
+            attention: bool = False, num_workers: int = 0
+            ) -> tuple[np.ndarray, list[np.ndarray] | None, list[np.ndarray] | None]:
+    """-> probabilities (n, C) in dataset order, and with `attention` each bag's pooling attention (N,)
+    over its real instances and, for multi-branch models (`MILOutput.branch_attention`), its branch
+    attentions (K, N) (else None).
 
     Under torchrun every rank scores its share of each batch; the results are gathered on all ranks.
     """
@@ -100,15 +94,23 @@ def predict(model: MILModel, data: MILDataset, ctx: Dist, *, batch_size: int, dt
                 out = model(batch.x, batch.mask)
             probs = out.logits.float().softmax(-1).cpu().numpy()
             att = out.attention.float().cpu().numpy() if attention else None
+            branches = None
+            if attention and out.branch_attention is not None:
+                branches = out.branch_attention.float().cpu().numpy()
             mask = batch.mask.cpu().numpy()
             for row, index in enumerate(batch.index.tolist()):
-                results[index] = (probs[row], att[row][mask[row]] if attention else None)
+                real = mask[row]
+                results[index] = (probs[row], att[row][real] if attention else None,
+                                  branches[row][:, real] if branches is not None else None)
     merged: dict[int, tuple] = {}
     for part in all_gather(results, ctx):
         merged.update(part)
     order = range(len(data))
     probs = np.stack([merged[i][0] for i in order])
-    return probs, ([merged[i][1] for i in order] if attention else None)
+    if not attention:
+        return probs, None, None
+    branches = [merged[i][2] for i in order]
+    return probs, [merged[i][1] for i in order], (branches if branches and branches[0] is not None else None)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -129,12 +131,43 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def _write_attention(path: Path, data: MILDataset, attention: list[np.ndarray], fold: Fold) -> None:
+#: architectures whose branch k is the attention of class k (CLAM-MB, DSMIL); other branches (ACMIL) are numbered
+CLASS_BRANCH_ARCHS = ("clam", "dsmil")
+BRANCH_GROUP = "branch_attention"
+
+
+def branch_names(model: MILModel, classes: list[str], k: int) -> list[str]:
+    """Display names of a model's K attention branches: the class names where branch k is class k's."""
+    if getattr(model, "arch", None) in CLASS_BRANCH_ARCHS and k == len(classes):
+        return [str(c) for c in classes]
+    return [f"branch {i}" for i in range(k)]
+
+
+def write_branch_attention(f: h5py.File, bag_ids: list[str], branches: list[np.ndarray], names: list[str]) -> None:
+    """Group `branch_attention` of an open attention.h5: one (K, N) float32 dataset per bag, attrs["names"] (K,).
+
+    The per-bag (N,) pooling attention stays at the root, where every reader looks for it. A bag named
+    `branch_attention` would collide with the group: then no branch attention is saved.
+    """
+    if BRANCH_GROUP in bag_ids:
+        return
+    group = f.create_group(BRANCH_GROUP)
+    group.attrs["names"] = list(names)
+    for bag_id, att in zip(bag_ids, branches):
+        group.create_dataset(bag_id, data=att.astype(np.float32))
+
+
+def _write_attention(path: Path, data: MILDataset, attention: list[np.ndarray], fold: Fold,
+                     branches: list[np.ndarray] | None = None, names: list[str] | None = None) -> None:
+    """attention.h5: attrs fold, seed, fold_name; one (N,) dataset per test bag; with `branches` (K, N)
+    per bag (multi-branch models) also the `branch_attention` group (see `write_branch_attention`)."""
     def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"fold": fold.fold, "seed": fold.seed, "fold_name": fold.name})
             for bag_id, att in zip(data.bag_ids, attention):
                 f.create_dataset(bag_id, data=att.astype(np.float32))
+            if branches is not None:
+                write_branch_attention(f, data.bag_ids, branches, names)
 
     atomic_write(path, write)
 
@@ -196,8 +229,8 @@ class FoldTrainer:
             train_loss = self._train_epoch(wrapped, model, loader, optimizer, scheduler, scaler, weight)
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
             if parts.val is not None and len(parts.val):
-                probs, _ = predict(model, parts.val, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
-                                   num_workers=cfg.data.num_workers)
+                probs = predict(model, parts.val, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
+                                num_workers=cfg.data.num_workers)[0]
                 val = classification_metrics(parts.val.labels, probs, ordinal=cfg.eval.ordinal)
                 row.update({f"val_{k}": v for k, v in val.items()})
                 score = list(_score(val, cfg.eval.monitor))
@@ -287,8 +320,9 @@ class FoldTrainer:
         cfg, ctx = self.config, self.ctx
         barrier(ctx)
         model = load_model(fold_dir / "best.safetensors", device=str(ctx.device))
-        probs, attention = predict(model, parts.test, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
-                                   attention=cfg.eval.save_attention, num_workers=cfg.data.num_workers)
+        probs, attention, branches = predict(model, parts.test, ctx, batch_size=cfg.optim.batch_size,
+                                             dtype=self.dtype, attention=cfg.eval.save_attention,
+                                             num_workers=cfg.data.num_workers)
         y = parts.test.labels
         test = classification_metrics(y, probs, ordinal=cfg.eval.ordinal)
         best_row = info["history"][info["best_epoch"]]  # history holds every epoch from 0, across resumes
@@ -311,7 +345,8 @@ class FoldTrainer:
             })
             _write_csv(fold_dir / "predictions.csv", frame)
             if attention is not None:
-                _write_attention(fold_dir / "attention.h5", parts.test, attention, fold)
+                names = branch_names(model, self.classes, branches[0].shape[0]) if branches else None
+                _write_attention(fold_dir / "attention.h5", parts.test, attention, fold, branches, names)
             atomic_write(fold_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
             (fold_dir / "state.safetensors").unlink(missing_ok=True)
         barrier(ctx)
