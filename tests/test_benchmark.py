@@ -20,6 +20,7 @@ train:
   optim.lr: 1.0e-3
   eval.bootstrap: 20
   eval.patience: null
+  runtime.threads: 1  # as in the workers: torch's float sums may depend on the thread count
 """
 FLAGS = ["--folds", "2", "--seeds", "0", "--epochs", "2"]
 
@@ -187,3 +188,96 @@ def test_ablation_and_gain_tables_from_results():
     assert "| qgmil (full) | 0.800 | 0.600 | 0.700 |" in ablation
     assert "| qgmil_wo_gate | 0.750 (-0.050) | 0.620 (+0.020) | 0.685 (-0.015) |" in ablation
     assert format_ablation(results[results["model"] != "qgmil_wo_gate"], ["a", "b"]) is None
+
+
+def test_grid_writes_latex_metric_significance_mass_tables_and_plots(grid):
+    out, output = grid
+    tex = (out / "results.tex").read_text()
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    assert "qgmil\\_light" in tex and "mean\\_pool" in tex and "\\textbf{" in tex and "$\\pm$" in tex
+    table = pd.read_csv(out / "results.csv")
+    assert (table["seconds"] > 0).all()
+    assert "| model | digit-bags | mean |" in (out / "auroc.md").read_text()
+    calibration = (out / "calibration.md").read_text()
+    assert "## ECE (lower is better)" in calibration and "## Brier score (lower is better)" in calibration
+    lowest = table.loc[table["ece_mean"].idxmin()]
+    assert f"**{lowest['ece_mean']:.3f} ± {lowest['ece_std']:.3f}**" in calibration
+
+    tests = pd.read_csv(out / "significance.csv")
+    assert list(tests["baseline"]) == ["abmil", "mean_pool"] and set(tests["qgmil"]) == {"qgmil_light"}
+    assert (tests["pairs"] == 2).all() and tests["wilcoxon_p"].isna().all()  # 2 folds: too few for Wilcoxon
+    assert (tests[["wins", "ties", "losses"]].sum(axis=1) == 2).all()
+    assert "n/a [a]" in (out / "significance.md").read_text()
+
+    mass = pd.read_csv(out / "attention_mass.csv")
+    assert list(mass["model"]) == ["abmil", "mean_pool", "qgmil_light"]
+    assert (mass["bags"] == 40).all() and mass["instance_auroc_mean"].notna().all()  # digit bags have instance labels
+    assert mass.loc[mass["model"] == "mean_pool", "norm_entropy_mean"].item() == pytest.approx(1.0)
+    assert "instance AUROC" in (out / "attention_mass.md").read_text()
+    for name in ("results.png", "ranks.png"):
+        assert (out / name).stat().st_size > 5_000 and (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "results.png, ranks.png" in output
+
+
+def test_workers_match_sequential_and_failures_are_reported(grid, bench_file, tmp_path):
+    out, _ = grid
+    broken = tmp_path / "broken"  # a dataset directory whose feature files are missing: its cells fail in training
+    (broken / "features").mkdir(parents=True)
+    (broken / "labels.csv").write_text("bag_id,label\n" + "".join(f"b{i},{'ab'[i % 2]}\n" for i in range(6)))
+    spec = tmp_path / "two.yaml"
+    spec.write_text(BENCH_YAML.replace("train:", f"  - {broken}\ntrain:"))
+    parallel = tmp_path / "parallel"
+    result = invoke(spec, "--models", "mean_pool,qgmil_light", *FLAGS, "--workers", "2", "--out", parallel)
+    assert result.exit_code == 1
+    assert "in 2 worker processes" in result.output
+    assert result.output.count("FAILED: DataError") == 2 and "qgmil_light on broken: DataError" in result.output
+    assert "feature file for bag 'b0' not found" in (parallel / "failures.txt").read_text()
+    # the other dataset's cells finished with the same results as in the sequential run
+    sequential, table = pd.read_csv(out / "results.csv"), pd.read_csv(parallel / "results.csv")
+    assert list(table["dataset"]) == ["digit-bags"] * 2
+    columns = [c for c in table.columns if c != "seconds"]
+    sequential = sequential[sequential["model"] != "abmil"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(table[columns], sequential[columns], rtol=0, atol=1e-6)
+    for model in ("mean_pool", "qgmil_light"):  # fold by fold
+        runs = [root / "runs" / "digit-bags" / model / "predictions.csv" for root in (out, parallel)]
+        pd.testing.assert_frame_equal(*map(pd.read_csv, runs), rtol=0, atol=1e-6)
+
+
+def test_builtin_preset_resolves_and_flags_override_it(tmp_path):
+    from qgmil.bench.runner import builtin_spec_text
+
+    spec = load_spec(builtin=True)
+    cells = plan_cells(spec, tmp_path)
+    assert [d.name for d in spec.datasets] == ["musk1", "musk2", "elephant", "digit-bags"]
+    assert spec.datasets[3].options == {"bags": 200} and spec.folds == 5 and spec.seeds == [0]
+    models = list(dict.fromkeys(c.model for c in cells))
+    assert models[:len(ABLATION_SET)] == list(ABLATION_SET)
+    assert models[len(ABLATION_SET):] == ["transformer_mil", "abmil_gated", "clam_sb", "dsmil", "mean_pool"]
+    assert len(cells) == 4 * len(models) and cells[0].config.optim.epochs == 25 and spec.workers == 2
+    assert "musk2" in builtin_spec_text()
+    spec = load_spec(builtin=True, folds=3, workers=1, train={"optim.epochs": 5})
+    assert (spec.folds, spec.workers, spec.train["optim.epochs"], spec.train["optim.lr"]) == (3, 1, 5, 2e-4)
+    with pytest.raises(BenchmarkError, match="not both"):
+        load_spec(tmp_path / "x.yaml", builtin=True)
+    # the command line: the preset, nothing trained with --report-only; --out is required without --builtin
+    result = CliRunner().invoke(main, ["benchmark", "--builtin", "--report-only", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert f"0/{len(cells)} cells finished" in result.output
+    assert "--out" in invoke("--datasets", "musk1", "--models", "abmil").output
+
+
+def test_tables_without_matplotlib_skip_the_figures_with_a_note(grid, bench_file, tmp_path, monkeypatch):
+    import qgmil.bench.plots
+    from qgmil.bench import build_tables
+
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("plotting needs matplotlib: pip install 'qgmil[plots]'")
+
+    monkeypatch.setattr(qgmil.bench.plots, "results_bars", no_matplotlib)
+    out, _ = grid
+    cells = plan_cells(load_spec(bench_file, models=["abmil", "mean_pool", "qgmil_light"], folds=2), out)
+    notes = []
+    tables = build_tables(tmp_path, cells, echo=notes.append)
+    assert tables["finished"] == 3 and tables["figures"] == [] and not list(tmp_path.glob("*.png"))
+    assert notes == ["no figures: plotting needs matplotlib: pip install 'qgmil[plots]'"]
+    assert (tmp_path / "results.tex").exists() and (tmp_path / "significance.md").exists()

@@ -443,68 +443,119 @@ def explain_mass(run_dirs, out):
 
 # --- benchmarks ---------------------------------------------------------------------------------
 
+BUILTIN_OUT = "qgmil-benchmark"  # --out of `qgmil benchmark --builtin` when none is given
+
 @main.command()
 @click.argument("bench_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--builtin", is_flag=True,
+              help="The built-in benchmark (qgmil/bench/builtin.yaml: musk1, musk2, elephant, digit-bags; the "
+                   "ablation set and five baselines) instead of BENCH_FILE; flags still override it.")
 @click.option("--datasets", help="Comma-separated built-in datasets or dataset directories (labels.csv + features/).")
 @click.option("--models", help="Comma-separated models; groups: ablation, baselines; patterns such as 'qgmil*'.")
 @click.option("--folds", type=int, help="Cross-validation folds per cell (default 5).")
 @click.option("--seeds", help="Comma-separated seeds, one k-fold each (default 0).")
+@click.option("--workers", type=click.IntRange(1), help="Cells trained at once, each in its own process (default 1).")
 @click.option("--epochs", type=int, help="Maximum epochs (optim.epochs), for every cell.")
 @click.option("--batch-size", type=int, help="Bags per step (optim.batch_size), for every cell.")
 @click.option("--lr", type=float, help="Peak learning rate (optim.lr), for every cell.")
 @click.option("--device", help="auto, cpu, cuda, cuda:1 (runtime.device).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Run-config key for every cell, e.g. eval.patience=5.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark directory.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help=f"Benchmark directory (required, except with --builtin: default {BUILTIN_OUT}).")
 @click.option("--shard", metavar="I/N", help="Run only the cells with index % N == I (split the grid over machines).")
 @click.option("--report-only", is_flag=True, help="Train nothing; rebuild the tables from the finished cells.")
-@click.option("--progress", is_flag=True, help="Also show per-fold progress bars.")
-def benchmark(bench_file, datasets, models, folds, seeds, epochs, batch_size, lr, device, sets, out, shard,
-              report_only, progress):
+@click.option("--progress", is_flag=True, help="Also show per-fold progress bars (not with --workers > 1).")
+def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, epochs, batch_size, lr, device, sets, out,
+              shard, report_only, progress):
     """Cross-validate every model on every dataset into --out and build the paper's tables.
 
     `qgmil benchmark --datasets musk1,elephant --models ablation,abmil --out BENCH` writes one run per
-    model x dataset under BENCH/runs/, then results.csv, results.md (macro-F1, best in bold, gain of
-    QG-MIL over the best baseline), gains.csv and ablation.md. BENCH_FILE (YAML: datasets, models,
-    folds, seeds, train) sets the same; flags override it. Rerun to continue: finished cells are skipped.
+    model x dataset under BENCH/runs/, then results.md/.csv/.tex (macro-F1, best in bold, gain of QG-MIL
+    over the best baseline), auroc.md, calibration.md, gains.csv, ablation.md, significance.md/.csv
+    (paired per-fold tests), attention_mass.md/.csv and results.png, ranks.png. BENCH_FILE (YAML:
+    datasets, models, folds, seeds, workers, train) sets the same; flags override it. Rerun to continue:
+    finished cells are skipped. Exits with 1 when a cell failed (the others still run).
     """
     from .bench.runner import load_spec, parse_shard, run_benchmark
     from .train.config import parse_set
 
+    if out is None and not builtin:
+        raise click.UsageError("missing option --out (the benchmark directory)")
+    out = out or BUILTIN_OUT
     train = {"optim.epochs": epochs, "optim.batch_size": batch_size, "optim.lr": lr, "runtime.device": device}
     train = {k: v for k, v in train.items() if v is not None}
     train.update(dict(parse_set(list(sets))))
     spec = load_spec(
-        bench_file, datasets=datasets.split(",") if datasets else None, models=models.split(",") if models else None,
-        folds=folds, seeds=[int(s) for s in seeds.split(",")] if seeds else None, train=train,
+        bench_file, builtin=builtin, datasets=datasets.split(",") if datasets else None,
+        models=models.split(",") if models else None, folds=folds,
+        seeds=[int(s) for s in seeds.split(",")] if seeds else None, workers=workers, train=train,
     )
     tables = run_benchmark(spec, out, shard=parse_shard(shard), report_only=report_only, progress=progress,
                            echo=click.echo, command=["qgmil", *sys.argv[1:]])
     click.echo("\n" + tables["results_md"])
     if tables["ablation_md"]:
         click.echo("\n" + tables["ablation_md"])
-    click.echo(f"\n{tables['finished']}/{tables['cells']} cells finished; tables in {out}/ "
-               "(results.md, results.csv, gains.csv" + (", ablation.md)" if tables["ablation_md"] else ")"))
+    written = ["results.md", "results.csv", "results.tex", "auroc.md", "calibration.md", "gains.csv",
+               *(["ablation.md"] if tables["ablation_md"] else []), "significance.md", "attention_mass.md",
+               *(p.name for p in tables["figures"])]
+    click.echo(f"\n{tables['finished']}/{tables['cells']} cells finished; tables in {out}/ ({', '.join(written)})")
+    if not report_only:
+        seconds = tables["seconds"]
+        click.echo(f"wall time {seconds:.0f} s" if seconds < 120 else f"wall time {seconds / 60:.1f} min")
+    if tables["failures"]:
+        click.echo(f"\n{len(tables['failures'])} cell(s) failed (tracebacks in {out}/failures.txt):", err=True)
+        for failure in tables["failures"]:
+            click.echo(f"  {failure.cell.model} on {failure.cell.dataset}: {failure.error}", err=True)
+        sys.exit(1)
 
 
 @explain.command("heatmap")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--bags", help="Comma-separated bag ids (default: the first 3 test bags of the first run).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
-@click.option("--slides", type=click.Path(file_okay=False), help="Folder of slides named <bag_id>.<ext> (background).")
+@click.option("--slides", type=click.Path(file_okay=False),
+              help="Folder of slides named <bag_id>.<ext> (patient bags: each slide's id) for the background.")
 @click.option("--normalise", type=click.Choice(["rank", "minmax", "none"]), default="rank", show_default=True,
               help="rank: percentile of each weight within its bag; minmax: (a - min) / (max - min); none: raw.")
 @click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap.")
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0), help="Heat opacity.")
 @click.option("--max-size", default=2048, show_default=True, type=click.IntRange(16), help="Long side of the heat (px).")
-def explain_heatmap(run_dirs, bags, out, slides, normalise, cmap, alpha, max_size):
+@click.option("--branches", is_flag=True,
+              help="One panel per attention branch of a multi-branch run (clam_mb, dsmil: per class; acmil).")
+@click.option("--patches", default=0, type=click.IntRange(0), metavar="K",
+              help="Also write <bag_id>_patches.png: the K most and K least attended tiles (needs --slides).")
+@click.option("--tissue-only", is_flag=True, help="Paint no heat outside the tissue found on the slide (needs --slides).")
+def explain_heatmap(run_dirs, bags, out, slides, normalise, cmap, alpha, max_size, branches, patches, tissue_only):
     """Attention heatmaps: each tile's test attention painted over its place on the slide.
 
     Writes OUT/<bag_id>.png per bag; with several RUN_DIRs, one panel per run side by side. Without
-    --slides the heat is drawn on white.
+    --slides the heat is drawn on white. A patient bag of several slides gives OUT/<bag_id>__<slide_id>.png
+    per slide.
     """
     from .explain.heatmap import run_heatmaps
 
     written = run_heatmaps(run_dirs, out, bags=[b.strip() for b in bags.split(",") if b.strip()] if bags else None,
                            slides=slides, normalise=normalise, cmap=cmap, alpha=alpha, max_size=max_size,
-                           echo=lambda m: click.echo(m, err=True))
+                           branches=branches, patches=patches, tissue_only=tissue_only,
+                           echo=lambda m: click.echo(m, err=True), progress=True)
+    click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+@explain.command("cells")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@click.option("--bags", help="Comma-separated bag ids (default: the first 3 test bags of the first run).")
+@click.option("--top", default=8, show_default=True, type=click.IntRange(1), help="Cells per row (most / least attended).")
+@click.option("--images", type=click.Path(file_okay=False),
+              help="Where the cell images are now, if they moved since `qgmil extract cells` (default: its image_root).")
+def explain_cells(run_dirs, out, bags, top, images):
+    """Cell galleries: the --top most and least attended cells of each bag, with their test attention.
+
+    For cell bags written by `qgmil extract cells` (instance_names + image_root). Writes
+    OUT/<bag_id>_cells.png per bag; with several RUN_DIRs, a top row and a bottom row per run.
+    """
+    from .explain.gallery import run_cell_galleries
+
+    written = run_cell_galleries(run_dirs, out, bags=[b.strip() for b in bags.split(",") if b.strip()] if bags else None,
+                                 top=top, images=images, progress=True)
     click.echo("wrote " + ", ".join(str(p) for p in written))

@@ -2,41 +2,56 @@
 
 A benchmark is a grid of cells (model, dataset), in a fixed order (datasets outer, models inner).
 Each cell is one `train_run` (folds x seeds) into OUT/runs/<dataset>/<model>/; a built-in dataset is
-prepared once in OUT/data/<dataset> and shared by all models, so every model sees the same bags and,
-with the same seeds, the same splits.
+prepared once in OUT/data/<dataset> (before any cell runs) and shared by all models, so every model
+sees the same bags and, with the same seeds, the same splits.
 
 OUT/
   benchmark.yaml   the resolved benchmark spec
   data/<dataset>/  prepared built-in datasets
   runs/<dataset>/<model>/   one run directory per cell (see qgmil.train.run)
-  results.csv      one row per model x dataset: macro-F1, AUROC, balanced accuracy, ECE, Brier (mean, std), folds
-  results.md       macro-F1 mean ± std, a row per model, a column per dataset (+ mean), best in bold, the gains
+  results.csv      one row per model x dataset: macro-F1, AUROC, balanced accuracy, ECE, Brier (mean, std),
+                   folds, training seconds
+  results.md/.tex  macro-F1 mean ± std, a row per model, a column per dataset (+ mean), best in bold; the
+                   Markdown one ends with the gains
+  auroc.md, calibration.md   the same grid for AUROC, and for ECE and Brier (lowest in bold)
   gains.csv        best QG-MIL variant vs best baseline per dataset, and their mean
   ablation.md      with full qgmil and at least one one-off variant: each variant's macro-F1 and its change
+  significance.md/.csv   best QG-MIL variant vs each baseline, paired per (seed, fold): Wilcoxon, t-test
+  attention_mass.md/.csv  concentration (and localisation) of each cell's test attention
+  results.png, ranks.png  macro-F1 bars per dataset; average rank of each model (matplotlib)
+  failures.txt     the cells that failed in the last session and their tracebacks (absent when none did)
 
 Rerun the same command to continue: finished cells (RUN/summary.json) are skipped, unfinished ones
-resume fold by fold. `shard=(i, n)` runs only the cells whose index % n == i, so the grid can be split
-over machines sharing OUT; `report_only` rebuilds the tables from whatever cells have finished.
+resume fold by fold. `workers` runs cells in that many processes at once; `shard=(i, n)` runs only the
+cells whose index % n == i, so the grid can be split over machines sharing OUT; `report_only` rebuilds
+the tables from whatever cells have finished.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import multiprocessing
+import os
+import queue
 import time
+import traceback
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..checkpoint import atomic_write
 from ..train.config import ConfigError, RunConfig, format_validation_error, load_config
+from .tables import (
+    attention_mass, collect_results, compute_gains, format_ablation, format_attention_mass, format_metric_tables,
+    format_results, format_results_latex,
+)
 
-TABLE_METRICS = ["macro_f1", "auroc", "balanced_accuracy", "ece", "brier"]
 MODEL_GROUPS = ("ablation", "baselines")
+BUILTIN_SPEC = "builtin.yaml"  # the `--builtin` preset, shipped inside this package
 
 
 class BenchmarkError(ValueError):
@@ -70,6 +85,7 @@ class BenchSpec(_Strict):
     models: list[ModelSpec] = Field(default_factory=list)
     folds: int = Field(5, ge=2)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    workers: int = Field(1, ge=1, description="cells run at once, each in its own process")
     train: dict[str, Any] = Field(default_factory=dict, description="dotted run-config keys, e.g. optim.epochs: 20")
 
     @field_validator("datasets", "models", mode="before")
@@ -96,31 +112,41 @@ class Cell:
 
 # ------------------------------------------------------------------------------------------ the spec
 
+def builtin_spec_text() -> str:
+    """The YAML text of the built-in benchmark (qgmil/bench/builtin.yaml)."""
+    return resources.files(__package__).joinpath(BUILTIN_SPEC).read_text()
+
+
 def load_spec(
     path: str | Path | None = None,
     *,
+    builtin: bool = False,
     datasets: list[str] | None = None,
     models: list[str] | None = None,
     folds: int | None = None,
     seeds: list[int] | None = None,
+    workers: int | None = None,
     train: dict[str, Any] | None = None,
 ) -> BenchSpec:
-    """The YAML file (optional), with the given values (command-line flags) overriding it.
+    """The YAML file (optional; `builtin`: the packaged preset instead), with the given values
+    (command-line flags) overriding it.
 
     `datasets` given by name keep the options of the file's entry of that name; `train` keys are
     added to (and override) the file's.
     """
+    if builtin and path is not None:
+        raise BenchmarkError(f"give a benchmark file ({path}) or the built-in benchmark, not both")
     tree: dict = {}
-    source = str(path) if path is not None else "command line"
-    if path is not None:
+    source = f"built-in benchmark ({__package__}/{BUILTIN_SPEC})" if builtin else str(path or "command line")
+    if builtin or path is not None:
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
+            tree = yaml.safe_load(builtin_spec_text() if builtin else Path(path).read_text()) or {}
         except FileNotFoundError:
-            raise BenchmarkError(f"{path}: benchmark file not found") from None
+            raise BenchmarkError(f"{source}: benchmark file not found") from None
         except yaml.YAMLError as err:
-            raise BenchmarkError(f"{path}: not valid YAML ({err})") from None
+            raise BenchmarkError(f"{source}: not valid YAML ({err})") from None
         if not isinstance(tree, dict):
-            raise BenchmarkError(f"{path}: expected a mapping with datasets, models, folds, seeds, train")
+            raise BenchmarkError(f"{source}: expected a mapping with datasets, models, folds, seeds, train")
     try:
         spec = BenchSpec.model_validate(tree)
         update: dict[str, Any] = {}
@@ -133,6 +159,8 @@ def load_spec(
             update["folds"] = folds
         if seeds is not None:
             update["seeds"] = seeds
+        if workers is not None:
+            update["workers"] = workers
         if train:
             update["train"] = {**spec.train, **train}
         return BenchSpec.model_validate({**spec.model_dump(), **update}) if update else spec
@@ -237,6 +265,137 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 # ------------------------------------------------------------------------------------------ running
 
+@dataclass(frozen=True)
+class CellFailure:
+    """A cell whose training raised: the error in one line, and its traceback for failures.txt."""
+
+    cell: Cell
+    error: str
+    traceback: str
+
+
+def _cpus() -> int:
+    """CPUs this process may use (the affinity mask where there is one: containers, taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare_builtin_data(cells: list[Cell], echo: Callable[[str], None] = print) -> None:
+    """Prepare each built-in dataset of `cells` once, before any cell runs, so parallel workers never
+    race to write the same OUT/data/<dataset>."""
+    from ..data.builtin import prepare_dataset
+
+    done: set[Path] = set()
+    for cell in cells:
+        data = cell.config.data
+        if data.builtin is None or data.builtin_dir in done:
+            continue
+        done.add(data.builtin_dir)
+        if not (data.builtin_dir / "labels.csv").exists():
+            echo(f"preparing {data.builtin} -> {data.builtin_dir}")
+        try:
+            prepare_dataset(data.builtin, data.builtin_dir, progress=False, **data.builtin_options)
+        except (ValueError, OSError) as err:
+            raise BenchmarkError(f"dataset {cell.dataset}: cannot prepare {data.builtin_dir}: {err}") from None
+
+
+def train_cell(cell: Cell, command: list[str], threads: int | None = None) -> dict[str, Any]:
+    """Train (or resume) one cell; runs in the benchmark's process or in a worker process.
+
+    `threads` (workers only) caps torch's intra-op threads, unless the cell's config sets runtime.threads,
+    and turns progress bars off (they would interleave). Returns {"summary", "seconds"}, or {"error",
+    "traceback"} instead of raising, so that one cell's failure reaches the caller intact (some
+    exceptions do not pickle) and the other cells go on.
+    """
+    from ..train.run import train_run
+
+    config = cell.config
+    if threads is not None:
+        runtime = {"threads": config.runtime.threads or threads, "progress": False}
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(update=runtime)})
+    start = time.time()
+    try:
+        summary = train_run(config, cell.run_dir, resume=(cell.run_dir / "config.yaml").exists(), command=command)
+    except Exception as err:  # noqa: BLE001 - any error of one cell is reported and the others go on
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    return {"summary": summary, "seconds": time.time() - start}
+
+
+def _cell_process(cell: Cell, command: list[str], threads: int, results) -> None:
+    """A worker process: train one cell and put (its index, train_cell's result) on `results`."""
+    results.put((cell.index, train_cell(cell, command, threads)))
+
+
+def _run_cells(todo: list[Cell], heads: dict[int, str], workers: int, command: list[str],
+               echo: Callable[[str], None]) -> list[CellFailure]:
+    """Train `todo` one after another (workers == 1), or each in its own process, `workers` at a time;
+    echo a line as each cell starts and ends. Returns the failures."""
+    failures = []
+
+    def start(cell: Cell) -> None:
+        state = "resuming" if (cell.run_dir / "config.yaml").exists() else "running"
+        echo(f"{heads[cell.index]}: {state} -> {cell.run_dir}")
+
+    def finish(cell: Cell, result: dict[str, Any]) -> None:
+        if "error" in result:
+            echo(f"{heads[cell.index]}: FAILED: {result['error']}")
+            failures.append(CellFailure(cell, result["error"], result["traceback"]))
+            return
+        f1 = result["summary"].get("macro_f1", {})
+        echo(f"{heads[cell.index]}: macro-F1 {f1.get('mean', math.nan):.3f} ± {f1.get('std', math.nan):.3f} "
+             f"({f1.get('n', 0)} folds, {result['seconds']:.0f} s)")
+
+    if workers == 1:
+        for cell in todo:
+            start(cell)
+            finish(cell, train_cell(cell, command))
+        return failures
+
+    threads = max(1, _cpus() // workers)  # workers x threads <= CPUs: no oversubscription
+    used = sorted({c.config.runtime.threads or threads for c in todo})  # runtime.threads, where set, wins
+    echo(f"running {len(todo)} cells in {workers} worker processes, {'/'.join(map(str, used))} torch thread(s) each")
+    # spawn, not fork: a forked child would inherit torch's thread pools and locks from this process.
+    # A process per cell (not a pool) so that Ctrl-C or a crash stops exactly the running cells.
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    waiting, running = list(todo), {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                cell = waiting.pop(0)
+                start(cell)
+                process = context.Process(target=_cell_process, args=(cell, command, threads, results))
+                process.start()
+                running[cell.index] = (cell, process)
+            try:
+                index, result = results.get(timeout=1.0)
+            except queue.Empty:
+                # a process that exited with an error and no result was killed (out of memory, a signal)
+                for index, (cell, process) in list(running.items()):
+                    if process.exitcode not in (None, 0):
+                        del running[index]
+                        error = f"the worker process died (exit code {process.exitcode})"
+                        finish(cell, {"error": error, "traceback": error + "\n"})
+                continue
+            cell, process = running.pop(index)
+            process.join()
+            finish(cell, result)
+    finally:  # on Ctrl-C or an error here: stop the running cells (they resume on the next run)
+        for _, process in running.values():
+            process.terminate()
+            process.join()
+        results.close()
+    return failures
+
+
+def _write_failures(out: Path, failures: list[CellFailure]) -> None:
+    path = out / "failures.txt"
+    if not failures:
+        path.unlink(missing_ok=True)
+        return
+    text = "\n".join(f"== {f.cell.model} on {f.cell.dataset} ({f.cell.run_dir})\n{f.traceback}" for f in failures)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def run_benchmark(
     spec: BenchSpec,
     out: str | Path,
@@ -247,145 +406,40 @@ def run_benchmark(
     echo: Callable[[str], None] = print,
     command: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the cells of `spec` (this shard's; none with `report_only`) into `out`, then build the tables.
+    """Run the cells of `spec` (this shard's; none with `report_only`) into `out`, in `spec.workers`
+    processes, then build the tables.
 
-    Returns build_tables' dict (results, gains, results_md, ablation_md).
+    A cell that fails does not stop the others; the failures are returned (and written to
+    OUT/failures.txt). Returns build_tables' dict plus failures (a list of CellFailure) and seconds.
     """
-    from ..train.run import train_run
-
     out = Path(out).resolve()
     cells = plan_cells(spec, out, progress=progress)
+    failures: list[CellFailure] = []
+    start = time.time()
     if not report_only:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "benchmark.yaml",
                      lambda tmp: Path(tmp).write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
+        heads = {c.index: f"[{c.index + 1}/{len(cells)}] {c.model} on {c.dataset}" for c in cells}
         mine = [c for c in cells if shard is None or c.index % shard[1] == shard[0]]
         for cell in mine:
-            head = f"[{cell.index + 1}/{len(cells)}] {cell.model} on {cell.dataset}"
             if cell.finished:
-                echo(f"{head}: finished earlier, skipped")
-                continue
-            resume = (cell.run_dir / "config.yaml").exists()
-            echo(f"{head}: {'resuming' if resume else 'running'} -> {cell.run_dir}")
-            start = time.time()
-            summary = train_run(cell.config, cell.run_dir, resume=resume, command=command or ["qgmil", "benchmark"])
-            f1 = summary.get("macro_f1", {})
-            echo(f"{head}: macro-F1 {f1.get('mean', math.nan):.3f} ± {f1.get('std', math.nan):.3f} "
-                 f"({f1.get('n', 0)} folds, {time.time() - start:.0f} s)")
-    return build_tables(out, cells)
+                echo(f"{heads[cell.index]}: finished earlier, skipped")
+        todo = [c for c in mine if not c.finished]
+        prepare_builtin_data(todo, echo)
+        workers = max(1, min(spec.workers, len(todo)))
+        failures = _run_cells(todo, heads, workers, command or ["qgmil", "benchmark"], echo)
+        _write_failures(out, failures)
+    tables = build_tables(out, cells, echo=echo)
+    return {**tables, "failures": failures, "seconds": time.time() - start}
 
 
 # ------------------------------------------------------------------------------------------ tables
 
-def collect_results(cells: list[Cell]) -> pd.DataFrame:
-    """One row per finished cell: model, model_name, dataset, folds, <metric>_mean / _std."""
-    rows = []
-    for cell in cells:
-        if not cell.finished:
-            continue
-        summary = json.loads((cell.run_dir / "summary.json").read_text())
-        row = {"model": cell.model, "model_name": cell.model_name, "dataset": cell.dataset,
-               "folds": summary.get("macro_f1", {}).get("n", 0)}
-        for metric in TABLE_METRICS:
-            row[f"{metric}_mean"] = summary.get(metric, {}).get("mean", math.nan)
-            row[f"{metric}_std"] = summary.get(metric, {}).get("std", math.nan)
-        rows.append(row)
-    columns = ["model", "model_name", "dataset", "folds"] + [f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")]
-    return pd.DataFrame(rows, columns=columns)
+def build_tables(out: str | Path, cells: list[Cell], echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write every table and figure (see the module docstring) from the finished cells."""
+    from .stats import format_significance, significance
 
-
-def _f1(results: pd.DataFrame) -> pd.DataFrame:
-    return results.pivot(index="model", columns="dataset", values="macro_f1_mean")
-
-
-def compute_gains(results: pd.DataFrame, datasets: list[str]) -> pd.DataFrame:
-    """Per dataset: the best QG-MIL variant (model names starting with qgmil), the best baseline, and
-    the macro-F1 gain; a last row `mean` averages the datasets where both exist."""
-    rows = []
-    for dataset in datasets:
-        part = results[results["dataset"] == dataset]
-        ours = part[part["model_name"].str.startswith("qgmil")]
-        theirs = part[~part["model_name"].str.startswith("qgmil")]
-        if ours.empty or theirs.empty:
-            continue
-        best_ours = ours.loc[ours["macro_f1_mean"].idxmax()]
-        best_theirs = theirs.loc[theirs["macro_f1_mean"].idxmax()]
-        rows.append({"dataset": dataset, "best_qgmil": best_ours["model"], "qgmil_macro_f1": best_ours["macro_f1_mean"],
-                     "best_baseline": best_theirs["model"], "baseline_macro_f1": best_theirs["macro_f1_mean"],
-                     "gain": best_ours["macro_f1_mean"] - best_theirs["macro_f1_mean"]})
-    gains = pd.DataFrame(rows, columns=["dataset", "best_qgmil", "qgmil_macro_f1", "best_baseline",
-                                        "baseline_macro_f1", "gain"])
-    if not gains.empty:
-        mean = {"dataset": "mean", "best_qgmil": "", "best_baseline": "",
-                **{k: gains[k].mean() for k in ("qgmil_macro_f1", "baseline_macro_f1", "gain")}}
-        gains = pd.concat([gains, pd.DataFrame([mean])], ignore_index=True)
-    return gains
-
-
-def format_results(results: pd.DataFrame, models: list[str], datasets: list[str], gains: pd.DataFrame) -> str:
-    """Markdown: macro-F1 mean ± std, a row per model, a column per dataset and the mean over datasets
-    (only for models finished on all of them); the best per column in bold; then the gains."""
-    if results.empty:
-        return "No finished cells yet."
-    f1 = _f1(results)
-    std = results.pivot(index="model", columns="dataset", values="macro_f1_std")
-    datasets = [d for d in datasets if d in f1.columns]
-    models = [m for m in models if m in f1.index]
-    f1, std = f1.reindex(index=models, columns=datasets), std.reindex(index=models, columns=datasets)
-    mean = f1.mean(axis=1).where(f1.notna().all(axis=1))
-    lines = ["| model | " + " | ".join(datasets) + " | mean |", "|---|" + "---|" * (len(datasets) + 1)]
-    for model in models:
-        cells = []
-        for dataset in datasets:
-            value = f1.loc[model, dataset]
-            text = "–" if pd.isna(value) else f"{value:.3f} ± {std.loc[model, dataset]:.3f}"
-            cells.append(f"**{text}**" if not pd.isna(value) and value == f1[dataset].max() else text)
-        m = mean[model]
-        text = "–" if pd.isna(m) else f"{m:.3f}"
-        cells.append(f"**{text}**" if not pd.isna(m) and m == mean.max() else text)
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Macro-F1, mean ± std over folds x seeds; best per dataset in bold.")
-    if not gains.empty:
-        per = [f"{r.dataset} {r.gain:+.3f} ({r.best_qgmil} vs {r.best_baseline})"
-               for r in gains.itertuples() if r.dataset != "mean"]
-        lines += ["", f"Gain of the best QG-MIL variant over the best baseline (macro-F1): {'; '.join(per)}; "
-                      f"mean {gains['gain'].iloc[-1]:+.3f}."]
-    return "\n".join(lines)
-
-
-def format_ablation(results: pd.DataFrame, datasets: list[str]) -> str | None:
-    """Markdown: full qgmil and each one-off variant of ABLATION_SET present (by label); a variant's cell
-    is its macro-F1 and the difference from full qgmil. None without qgmil and at least one variant."""
-    from ..models import ABLATION_SET
-
-    if results.empty:
-        return None
-    f1 = _f1(results)
-    variants = [m for m in ABLATION_SET[1:] if m in f1.index]
-    if ABLATION_SET[0] not in f1.index or not variants:
-        return None
-    full = f1.loc[ABLATION_SET[0]]
-    datasets = [d for d in datasets if d in f1.columns]
-    lines = ["| variant | " + " | ".join(datasets) + " | mean |", "|---|" + "---|" * (len(datasets) + 1)]
-    complete = full[datasets].notna().all()
-    full_cells = ["–" if pd.isna(full[d]) else f"{full[d]:.3f}" for d in datasets]
-    full_cells.append(f"{full[datasets].mean():.3f}" if complete else "–")
-    lines.append(f"| {ABLATION_SET[0]} (full) | " + " | ".join(full_cells) + " |")
-    for variant in variants:
-        row, cells = f1.loc[variant], []
-        for d in datasets:
-            cells.append("–" if pd.isna(row[d]) or pd.isna(full[d]) else f"{row[d]:.3f} ({row[d] - full[d]:+.3f})")
-        both = complete and row[datasets].notna().all()
-        m = row[datasets].mean()
-        cells.append(f"{m:.3f} ({m - full[datasets].mean():+.3f})" if both else "–")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    lines += ["", f"Macro-F1 (mean over folds x seeds); in brackets the difference from full {ABLATION_SET[0]}."]
-    return "\n".join(lines)
-
-
-def build_tables(out: str | Path, cells: list[Cell]) -> dict[str, Any]:
-    """Write results.csv, results.md, gains.csv and (when it applies) ablation.md from the finished cells."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     models = list(dict.fromkeys(c.model for c in cells))
@@ -394,10 +448,41 @@ def build_tables(out: str | Path, cells: list[Cell]) -> dict[str, Any]:
     gains = compute_gains(results, datasets)
     results_md = format_results(results, models, datasets, gains)
     ablation_md = format_ablation(results, datasets)
+    tests = significance(cells, results, gains)
+    mass, skipped = attention_mass(cells)
+
+    def text(name: str, content: str) -> None:
+        atomic_write(out / name, lambda tmp: Path(tmp).write_text(content + "\n"))
+
     atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     atomic_write(out / "gains.csv", lambda tmp: gains.to_csv(tmp, index=False))
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(results_md + "\n"))
+    atomic_write(out / "significance.csv", lambda tmp: tests.to_csv(tmp, index=False))
+    atomic_write(out / "attention_mass.csv", lambda tmp: mass.to_csv(tmp, index=False))
+    text("results.md", results_md)
+    text("results.tex", format_results_latex(results, models, datasets))
+    text("auroc.md", format_metric_tables(results, models, datasets, ["auroc"]))
+    text("calibration.md", format_metric_tables(results, models, datasets, ["ece", "brier"]))
+    text("significance.md", format_significance(tests))
+    text("attention_mass.md", format_attention_mass(mass, skipped))
     if ablation_md is not None:
-        atomic_write(out / "ablation.md", lambda tmp: Path(tmp).write_text(ablation_md + "\n"))
-    return {"results": results, "gains": gains, "results_md": results_md, "ablation_md": ablation_md,
+        text("ablation.md", ablation_md)
+    figures = _figures(out, results, models, datasets, echo) if not results.empty else []
+    return {"results": results, "gains": gains, "significance": tests, "attention_mass": mass,
+            "results_md": results_md, "ablation_md": ablation_md, "figures": figures,
             "finished": len(results), "cells": len(cells)}
+
+
+def _figures(out: Path, results, models: list[str], datasets: list[str], echo: Callable[[str], None]) -> list[Path]:
+    """results.png and ranks.png (no ranks.png while no model has finished every dataset); none, with a
+    note, without matplotlib (an optional extra)."""
+    from .plots import average_ranks, rank_plot, results_bars
+
+    try:
+        written = [results_bars(results, models, datasets, out / "results.png")]
+        ranks = average_ranks(results, models, datasets)
+        if not ranks.empty:
+            written.append(rank_plot(ranks, out / "ranks.png"))
+    except ImportError as err:
+        echo(f"no figures: {err}")
+        return []
+    return written

@@ -1,0 +1,139 @@
+"""Paired comparisons: the best QG-MIL variant against each baseline, fold by fold, with significance tests.
+
+All models of a dataset share the prepared data and thus, for the same seed, the same test folds, so their
+per-fold macro-F1 values pair up by (seed, fold). Per pair the difference is QG-MIL minus baseline; a tie is
+an (almost) zero difference. Two two-sided tests of "no difference": the Wilcoxon signed-rank test
+(scipy.stats.wilcoxon; zero differences dropped) and the paired t-test. Neither is corrected for the
+number of comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .tables import is_qgmil
+
+if TYPE_CHECKING:
+    from .runner import Cell
+
+#: below this many non-zero differences the Wilcoxon test is not reported: with 5 the smallest two-sided
+#: p-value it can give is 2 / 2^5 = 0.0625, so it could never reject
+MIN_WILCOXON = 6
+TIE_TOLERANCE = 1e-12
+ACROSS = "all datasets"
+NOTES = {
+    "few": f"fewer than {MIN_WILCOXON} non-zero differences: with 5 the smallest possible two-sided Wilcoxon "
+           "p-value is 0.0625",
+    "zero": "every difference is zero",
+    "constant": "fewer than 2 pairs, or every difference is the same (the t statistic is undefined)",
+}
+COLUMNS = ["dataset", "qgmil", "baseline", "pairs", "mean_diff", "wins", "ties", "losses", "wilcoxon_p", "ttest_p",
+           "wilcoxon_note", "ttest_note"]
+
+
+def paired_comparison(ours: Sequence[float], theirs: Sequence[float]) -> dict:
+    """Compare paired scores: pairs, mean_diff (ours - theirs), wins / ties / losses, wilcoxon_p and
+    ttest_p (two-sided; NaN where not reported, with the reason from NOTES in wilcoxon_note / ttest_note)."""
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired scores need two equally long 1-D sequences, got shapes {a.shape} and {b.shape}")
+    d = a - b
+    d[np.abs(d) <= TIE_TOLERANCE] = 0.0  # equal F1 up to float rounding is a tie, for the counts and the tests
+    nonzero = int(np.count_nonzero(d))
+    out = {"pairs": int(d.size), "mean_diff": float(d.mean()) if d.size else math.nan,
+           "wins": int((d > 0).sum()), "ties": int((d == 0).sum()), "losses": int((d < 0).sum()),
+           "wilcoxon_p": math.nan, "ttest_p": math.nan, "wilcoxon_note": "", "ttest_note": ""}
+    if d.size and nonzero == 0:
+        out["wilcoxon_note"] = NOTES["zero"]
+    elif nonzero < MIN_WILCOXON:
+        out["wilcoxon_note"] = NOTES["few"]
+    else:
+        with warnings.catch_warnings():  # scipy warns when zeros or ties force the normal approximation
+            warnings.simplefilter("ignore")
+            out["wilcoxon_p"] = float(stats.wilcoxon(d).pvalue)
+    if d.size < 2 or np.ptp(d) <= TIE_TOLERANCE:  # a constant difference has no variance: t is undefined
+        out["ttest_note"] = NOTES["constant"]
+    else:
+        out["ttest_p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return out
+
+
+def fold_scores(run_dir: str | Path, metric: str = "macro_f1") -> dict[tuple[int, int], float]:
+    """(seed, fold) -> the test `metric` of each finished fold of a run (folds/*/metrics.json)."""
+    scores = {}
+    for path in sorted(Path(run_dir).glob("folds/*/metrics.json")):
+        record = json.loads(path.read_text())
+        try:
+            scores[(int(record["seed"]), int(record["fold"]))] = float(record["test"][metric])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: no seed, fold and test.{metric}") from None
+    return scores
+
+
+def significance(cells: list[Cell], results: pd.DataFrame, gains: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset with a QG-MIL variant and a baseline: the best QG-MIL variant (as in `gains`) against
+    every finished baseline, paired over their common (seed, fold) test folds; then, with >= 2 such
+    datasets, rows `all datasets` pairing the per-dataset mean macro-F1 of the best variants with each
+    baseline finished on all of them."""
+    finished = [c for c in cells if c.finished]
+    rows = []
+    per_dataset = gains[gains["dataset"] != "mean"]
+    for best in per_dataset.itertuples():
+        here = {c.model: c for c in finished if c.dataset == best.dataset}
+        ours = fold_scores(here[best.best_qgmil].run_dir)
+        for model, cell in here.items():
+            if is_qgmil(cell.model_name):
+                continue
+            theirs = fold_scores(cell.run_dir)
+            keys = sorted(set(ours) & set(theirs))
+            rows.append({"dataset": best.dataset, "qgmil": best.best_qgmil, "baseline": model,
+                         **paired_comparison([ours[k] for k in keys], [theirs[k] for k in keys])})
+    if len(per_dataset) >= 2:
+        f1 = results.pivot(index="model", columns="dataset", values="macro_f1_mean")
+        datasets = list(per_dataset["dataset"])
+        baselines = dict.fromkeys(r["baseline"] for r in rows)
+        for model in baselines:
+            theirs = f1.loc[model].reindex(datasets)
+            if theirs.notna().all():
+                rows.append({"dataset": ACROSS, "qgmil": "best per dataset", "baseline": model,
+                             **paired_comparison(per_dataset["qgmil_macro_f1"].to_numpy(), theirs.to_numpy())})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def format_significance(table: pd.DataFrame) -> str:
+    """Markdown: a row per comparison, n/a p-values marked with a footnote that says why."""
+    if table.empty:
+        return "No dataset with both a finished QG-MIL variant and a finished baseline yet."
+    marks: dict[str, str] = {}
+
+    def p_cell(p: float, note: str) -> str:
+        if note:
+            mark = marks.setdefault(note, chr(ord("a") + len(marks)))
+            return f"n/a [{mark}]"
+        return f"{p:.3g}"
+
+    header = ["dataset", "QG-MIL", "baseline", "pairs", "mean Δ macro-F1", "wins / ties / losses", "Wilcoxon p",
+              "paired t p"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table.itertuples():
+        cells = [r.dataset, r.qgmil, r.baseline, str(r.pairs), f"{r.mean_diff:+.3f}",
+                 f"{r.wins} / {r.ties} / {r.losses}", p_cell(r.wilcoxon_p, r.wilcoxon_note),
+                 p_cell(r.ttest_p, r.ttest_note)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", ("Best QG-MIL variant per dataset (as in results.md) against each baseline, paired over the same "
+                   "(seed, fold) test folds: Δ = QG-MIL - baseline, wins / ties / losses count pairs, p-values are "
+                   "two-sided and not corrected for multiple comparisons. The variant is picked on these same test "
+                   "folds, which favours it: read the p-values as descriptive.")]
+    if (table["dataset"] == ACROSS).any():
+        lines.append(f"Rows `{ACROSS}` pair the per-dataset means (the best QG-MIL variant of each dataset).")
+    if marks:
+        lines += [""] + [f"[{mark}] n/a: {note}." for note, mark in marks.items()]
+    return "\n".join(lines)
