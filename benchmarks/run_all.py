@@ -96,7 +96,7 @@ def main() -> None:
         print(f"  done in {took:.0f} s", file=sys.stderr, flush=True)
         table += summary_rows(name, json.loads(json_path.read_text()))
 
-    print(f"| what | setting | figure |\n|---|---|---|")
+    print("| what | setting | figure |\n|---|---|---|")
     for what, setting, figure in table:
         print(f"| {what} | {setting} | {figure} |")
     print(f"\nlogs and JSON: {out}")
