@@ -114,6 +114,23 @@ def test_resume_skips_finished_and_redoes_missing(tmp_path):
     assert (out / "features" / "s0.h5").stat().st_mtime_ns == stamp
 
 
+def test_mpp_option_only_fills_in_missing_metadata(cmu, tmp_path):
+    """--mpp is a fallback: the CMU slide keeps its 0.499 um/px; an image without metadata takes it, and
+    adding it on a rerun after "no mpp" failures resumes the same extraction."""
+    _plain_slide(tmp_path / "plain.png")
+    (tmp_path / "cmu.svs").symlink_to(cmu)
+    out = tmp_path / "out"
+    first = extract_slides([tmp_path], out, ENCODER, settings=TilingSettings(tile_px=128), skip_errors=True, **FAST)
+    assert {r.bag_id: r.status for r in first.results} == {"cmu": "done", "plain": "failed"}
+    again = extract_slides([tmp_path], out, ENCODER, settings=TilingSettings(tile_px=128, mpp=0.25), **FAST)
+    assert {r.bag_id: r.status for r in again.results} == {"cmu": "skipped", "plain": "done"}
+    assert not (out / "failed" / "plain.txt").exists()
+    cmu_bag, plain_bag = (read_bag(out / "features" / f"{name}.h5") for name in ("cmu", "plain"))
+    assert abs(cmu_bag.attrs["mpp"] - 0.499) < 1e-3 and cmu_bag.attrs["mpp_source"] == "metadata"
+    assert plain_bag.attrs["mpp"] == 0.25 and plain_bag.attrs["mpp_source"] == "--mpp"
+    assert plain_bag.attrs["patch_size_level0"] == 256  # 128 px at 0.5 um/px from a 0.25 um/px image
+
+
 def test_left_half_tissue_gives_left_half_tiles(tmp_path):
     slide = _plain_slide(tmp_path / "half.png", size=(512, 384))
     out = tmp_path / "out"

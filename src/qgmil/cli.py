@@ -259,7 +259,8 @@ def _report_extraction(summary) -> None:
 @click.option("--tile-px", default=256, help="Tile side handed to the encoder, in pixels.")
 @click.option("--tile-um", type=float, help="Tile side in micrometres (instead of --magnification).")
 @click.option("--magnification", type=float, help="Objective magnification to tile at (20 = 0.5 um/px) [default: 20].")
-@click.option("--mpp", type=float, help="Level-0 micrometres per pixel, for slides whose metadata lack it.")
+@click.option("--mpp", type=float, help="Level-0 micrometres per pixel of slides whose metadata lack it "
+                                          "(metadata win).")
 @click.option("--min-tissue", default=0.5, help="Minimum tissue fraction of a kept tile.")
 @click.option("--tissue-threshold", type=float, help="Saturation threshold 0-255 (default: Otsu per slide).")
 @click.option("--no-tissue", is_flag=True, help="Tile the whole image (no tissue segmentation).")

@@ -30,7 +30,7 @@ MIN_MASK_SIZE = 512
 @dataclass(frozen=True)
 class TilingSettings:
     """How slides are cut. Resolution: `tile_um` (physical tile side) or `magnification` (20 = 0.5 um/px);
-    neither: 20x. `mpp` overrides (or supplies) the slides' level-0 resolution."""
+    neither: 20x. `mpp`: the level-0 resolution of slides whose metadata lack one (metadata win)."""
 
     tile_px: int = 256
     tile_um: float | None = None
@@ -82,7 +82,8 @@ def find_slides(paths: Sequence[str | Path], recursive: bool = False) -> list[Pa
     if not found:
         raise ExtractError(f"no slides found in {', '.join(map(str, paths))} "
                            f"(looked for {', '.join(SLIDE_SUFFIXES)})")
-    return list(dict.fromkeys(p.resolve() for p in found))
+    # absolute(), not resolve(): a symlinked slide keeps the name it is listed under (its bag id)
+    return list(dict.fromkeys(p.absolute() for p in found))
 
 
 def tissue_mask(slide, settings: TilingSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +103,9 @@ def tissue_mask(slide, settings: TilingSettings) -> tuple[np.ndarray, np.ndarray
 def prepare_slide(source: BagSource, settings: TilingSettings, out: Path) -> PreparedBag:
     """Open a slide, segment its tissue, plan its tiles -> a PreparedBag whose dataset reads the tiles."""
     path = Path(source.source)
-    with open_slide(path, mpp=settings.mpp) as slide:
+    with open_slide(path) as slide:
+        mpp_source = "metadata" if slide.mpp else "--mpp" if settings.mpp else None
+        slide.mpp = slide.mpp or settings.mpp
         mask = None
         if settings.tissue:
             thumb, mask = tissue_mask(slide, settings)
@@ -113,7 +116,7 @@ def prepare_slide(source: BagSource, settings: TilingSettings, out: Path) -> Pre
     attrs = {
         "source": path.name,
         "slide_width": size[0], "slide_height": size[1],
-        "mpp": slide_mpp, "magnification": slide_mag, "target_mpp": tiling.target_mpp,
+        "mpp": slide_mpp, "mpp_source": mpp_source, "magnification": slide_mag, "target_mpp": tiling.target_mpp,
         "patch_size_px": tiling.tile_px, "patch_size_um": tiling.tile_um,
         "patch_size_level0": tiling.patch_size_level0, "patch_level": tiling.level, "read_size": tiling.read_size,
         "min_tissue": settings.min_tissue,
@@ -122,7 +125,7 @@ def prepare_slide(source: BagSource, settings: TilingSettings, out: Path) -> Pre
         where = f"; see masks/{source.bag_id}.png" if settings.tissue else ""
         attrs["empty_reason"] = (f"no tile with >= {settings.min_tissue:.0%} tissue{where} "
                                  "(lower --min-tissue or --tissue-threshold)")
-    dataset = TileDataset(path, tiling, mpp=settings.mpp)
+    dataset = TileDataset(path, tiling)
     return PreparedBag(source, dataset, tiling.coords, attrs, {"tissue_fraction": tiling.tissue})
 
 
@@ -152,10 +155,14 @@ def extract_slides(
     dist = init_distributed(device)
     try:
         model = create_encoder(encoder, weights, seed=seed)
+        # The fallback mpp only concerns slides without one, which have no features yet: adding it on a rerun
+        # (after "no mpp" failures) resumes the same extraction.
+        tiling = {k: v for k, v in asdict(settings).items() if k != "mpp"}
         manifest = {
             "kind": "wsi",
             "encoder": {"name": model.name, "weights": model.weights, "dim": model.dim},
-            "settings": asdict(settings),
+            "settings": tiling,
+            "mpp_fallback": settings.mpp,
             "encoder_version": model.version,
             "qgmil_version": __version__,
             "command": command,
