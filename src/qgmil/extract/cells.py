@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..train.distributed import init_distributed, shutdown
+from ..train.distributed import init_distributed
 from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, resolve_workers, run_extraction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -140,28 +140,27 @@ def extract_cells(
     sources = [BagSource(bag_id, str(s.folder) if table is None else f"{table} (sample {bag_id})", s)
                for bag_id, s in samples.items()]
     dist = init_distributed(device)
-    try:
-        model = create_encoder(encoder, weights, seed=seed)
-        size = cell_px or model.info.input_size or 224
-        manifest = {
-            "kind": "cells",
-            "encoder": {"name": model.name, "weights": model.weights, "dim": model.dim},
-            "settings": {"cell_px": size},
-            "encoder_version": model.version,
-            "qgmil_version": __version__,
-            "command": command,
-        }
+    # The process group is left to the process's exit, as `qgmil train` does: destroying it right after the
+    # last barrier raced with gloo's in-flight messages (a rare SIGABRT in one rank).
+    model = create_encoder(encoder, weights, seed=seed)
+    size = cell_px or model.info.input_size or 224
+    manifest = {
+        "kind": "cells",
+        "encoder": {"name": model.name, "weights": model.weights, "dim": model.dim},
+        "settings": {"cell_px": size},
+        "encoder_version": model.version,
+        "qgmil_version": __version__,
+        "command": command,
+    }
 
-        def prepare(source: BagSource) -> PreparedBag:
-            sample: CellSample = source.payload
-            # image_root / instance_name is each cell's image: what `qgmil explain cells` shows.
-            attrs = {"source": source.source, "image_root": str(sample.folder.resolve()), "cell_px": size,
-                     "num_cells": len(sample.images)}
-            return PreparedBag(source, CellDataset(sample.images, size), None, attrs,
-                               {"instance_names": sample.names})
+    def prepare(source: BagSource) -> PreparedBag:
+        sample: CellSample = source.payload
+        # image_root / instance_name is each cell's image: what `qgmil explain cells` shows.
+        attrs = {"source": source.source, "image_root": str(sample.folder.resolve()), "cell_px": size,
+                 "num_cells": len(sample.images)}
+        return PreparedBag(source, CellDataset(sample.images, size), None, attrs,
+                           {"instance_names": sample.names})
 
-        return run_extraction(sources, out, model, prepare, manifest=manifest, dist=dist, batch_size=batch_size,
-                              num_workers=resolve_workers(num_workers), precision=precision,
-                              skip_errors=skip_errors, progress=progress)
-    finally:
-        shutdown(dist)
+    return run_extraction(sources, out, model, prepare, manifest=manifest, dist=dist, batch_size=batch_size,
+                          num_workers=resolve_workers(num_workers), precision=precision,
+                          skip_errors=skip_errors, progress=progress)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..train.distributed import init_distributed, shutdown
+from ..train.distributed import init_distributed
 from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, resolve_workers, run_extraction
 from .slide import PLAIN_SUFFIXES, WSI_SUFFIXES, open_slide
 from .tiling import TileDataset, plan_tiles
@@ -153,24 +153,23 @@ def extract_slides(
     out = Path(out)
     sources = [BagSource(p.stem, str(p)) for p in find_slides(slides, recursive)]
     dist = init_distributed(device)
-    try:
-        model = create_encoder(encoder, weights, seed=seed)
-        # The fallback mpp only concerns slides without one, which have no features yet: adding it on a rerun
-        # (after "no mpp" failures) resumes the same extraction.
-        tiling = {k: v for k, v in asdict(settings).items() if k != "mpp"}
-        manifest = {
-            "kind": "wsi",
-            "encoder": {"name": model.name, "weights": model.weights, "dim": model.dim},
-            "settings": tiling,
-            "mpp_fallback": settings.mpp,
-            "encoder_version": model.version,
-            "qgmil_version": __version__,
-            "command": command,
-        }
-        return run_extraction(
-            sources, out, model, lambda source: prepare_slide(source, settings, out), manifest=manifest, dist=dist,
-            batch_size=batch_size, num_workers=resolve_workers(num_workers), precision=precision,
-            skip_errors=skip_errors, progress=progress,
-        )
-    finally:
-        shutdown(dist)
+    # The process group is left to the process's exit, as `qgmil train` does: destroying it right after the
+    # last barrier raced with gloo's in-flight messages (a rare SIGABRT in one rank).
+    model = create_encoder(encoder, weights, seed=seed)
+    # The fallback mpp only concerns slides without one, which have no features yet: adding it on a rerun
+    # (after "no mpp" failures) resumes the same extraction.
+    tiling = {k: v for k, v in asdict(settings).items() if k != "mpp"}
+    manifest = {
+        "kind": "wsi",
+        "encoder": {"name": model.name, "weights": model.weights, "dim": model.dim},
+        "settings": tiling,
+        "mpp_fallback": settings.mpp,
+        "encoder_version": model.version,
+        "qgmil_version": __version__,
+        "command": command,
+    }
+    return run_extraction(
+        sources, out, model, lambda source: prepare_slide(source, settings, out), manifest=manifest, dist=dist,
+        batch_size=batch_size, num_workers=resolve_workers(num_workers), precision=precision,
+        skip_errors=skip_errors, progress=progress,
+    )
