@@ -83,8 +83,3 @@ def broadcast(obj, ctx: Dist):
 def barrier(ctx: Dist) -> None:
     if ctx.enabled:
         dist.barrier()
-
-
-def shutdown(ctx: Dist) -> None:
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
