@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
 from ..train.distributed import init_distributed
-from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, resolve_workers, run_extraction
+from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, run_extraction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -144,14 +143,7 @@ def extract_cells(
     # last barrier raced with gloo's in-flight messages (a rare SIGABRT in one rank).
     model = create_encoder(encoder, weights, seed=seed)
     size = cell_px or model.info.input_size or 224
-    manifest = {
-        "kind": "cells",
-        "encoder": {"name": model.name, "weights": model.weights, "dim": model.dim},
-        "settings": {"cell_px": size},
-        "encoder_version": model.version,
-        "qgmil_version": __version__,
-        "command": command,
-    }
+    manifest = make_manifest("cells", model, {"cell_px": size}, command)
 
     def prepare(source: BagSource) -> PreparedBag:
         sample: CellSample = source.payload
@@ -162,5 +154,4 @@ def extract_cells(
                            {"instance_names": sample.names})
 
     return run_extraction(sources, out, model, prepare, manifest=manifest, dist=dist, batch_size=batch_size,
-                          num_workers=resolve_workers(num_workers), precision=precision,
-                          skip_errors=skip_errors, progress=progress)
+                          num_workers=num_workers, precision=precision, skip_errors=skip_errors, progress=progress)

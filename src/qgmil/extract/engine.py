@@ -17,7 +17,7 @@ import math
 import os
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,6 +113,15 @@ class ExtractSummary:
 
 # --- run folder ---------------------------------------------------------------------------------
 
+def make_manifest(kind: str, encoder, settings: dict, command: str | None = None, **extra) -> dict:
+    """extract.json: what must match on resume (kind, encoder, settings), then provenance and `extra`."""
+    from .. import __version__
+
+    return {"kind": kind, "encoder": {"name": encoder.name, "weights": encoder.weights, "dim": encoder.dim},
+            "settings": settings, **extra, "encoder_version": encoder.version, "qgmil_version": __version__,
+            "command": command}
+
+
 def check_manifest(out: Path, manifest: dict) -> None:
     """Write `extract.json`, or check that an existing one describes the same extraction (resume)."""
     path = out / MANIFEST
@@ -195,19 +204,21 @@ def run_extraction(
     manifest: dict,
     dist: Dist,
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     precision: str = "auto",
     skip_errors: bool = False,
     progress: bool = True,
 ) -> ExtractSummary:
     """Extract every bag of `sources` not yet in `out`; this rank takes sources[rank::world].
 
+    num_workers: DataLoader workers reading images (None: cores - 1, at most 8).
+
     A bag that fails (unreadable slide, no mpp...) stops the run unless `skip_errors`: then it is recorded in
     failed/<bag>.txt and bags.csv, and the others go on. Nothing written before is lost either way.
     """
     out = Path(out)
     ids = [s.bag_id for s in sources]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
     if duplicates:
         raise ExtractError(f"several inputs give the same bag id: {', '.join(duplicates[:5])}")
     unsafe = [i for i in ids if not i or i.startswith(".") or "/" in i or "\\" in i]
@@ -223,8 +234,10 @@ def run_extraction(
 
     start = time.perf_counter()
     mine = sorted(sources, key=lambda s: s.bag_id)[dist.rank::dist.world]
-    results = [BagResult(s.bag_id, s.source, "skipped") for s in mine if feature_path(out, s.bag_id).exists()]
-    todo = [s for s in mine if not feature_path(out, s.bag_id).exists()]
+    finished = {s.bag_id for s in mine if feature_path(out, s.bag_id).exists()}
+    results = [BagResult(s.bag_id, s.source, "skipped") for s in mine if s.bag_id in finished]
+    todo = [s for s in mine if s.bag_id not in finished]
+    num_workers = resolve_workers(num_workers)
     encoder = encoder.to(dist.device)
     show = progress and dist.is_main
     with ThreadPoolExecutor(max_workers=PREPARE_AHEAD, thread_name_prefix="qgmil-prepare") as pool:

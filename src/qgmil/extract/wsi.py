@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from ..train.distributed import init_distributed
-from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, resolve_workers, run_extraction
+from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, run_extraction
 from .slide import PLAIN_SUFFIXES, WSI_SUFFIXES, open_slide
 from .tiling import TileDataset, plan_tiles
 from .tissue import save_mask_png, segment_tissue
@@ -159,17 +158,9 @@ def extract_slides(
     # The fallback mpp only concerns slides without one, which have no features yet: adding it on a rerun
     # (after "no mpp" failures) resumes the same extraction.
     tiling = {k: v for k, v in asdict(settings).items() if k != "mpp"}
-    manifest = {
-        "kind": "wsi",
-        "encoder": {"name": model.name, "weights": model.weights, "dim": model.dim},
-        "settings": tiling,
-        "mpp_fallback": settings.mpp,
-        "encoder_version": model.version,
-        "qgmil_version": __version__,
-        "command": command,
-    }
+    manifest = make_manifest("wsi", model, tiling, command, mpp_fallback=settings.mpp)
     return run_extraction(
         sources, out, model, lambda source: prepare_slide(source, settings, out), manifest=manifest, dist=dist,
-        batch_size=batch_size, num_workers=resolve_workers(num_workers), precision=precision,
-        skip_errors=skip_errors, progress=progress,
+        batch_size=batch_size, num_workers=num_workers, precision=precision, skip_errors=skip_errors,
+        progress=progress,
     )
