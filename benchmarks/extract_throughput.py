@@ -56,8 +56,7 @@ def read_rate(slides, workers: int, batch: int, mpp: float | None) -> tuple[int,
     for path in slides:
         with open_slide(path, mpp=mpp) as slide:
             tiling = plan_tiles(slide, None, tile_px=224, magnification=20)
-        loader = torch.utils.data.DataLoader(TileDataset(path, tiling, mpp=mpp), batch_size=batch,
-                                             num_workers=workers)
+        loader = torch.utils.data.DataLoader(TileDataset(path, tiling), batch_size=batch, num_workers=workers)
         for tiles in loader:
             total += len(tiles)
     return total, total / (time.perf_counter() - start)

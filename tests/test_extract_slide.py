@@ -418,7 +418,7 @@ def test_tile_dataset_reads_regions(tmp_path):
     with open_slide(png, mpp=0.25) as slide:
         native = plan_tiles(slide, None, tile_px=128)
         resized = plan_tiles(slide, None, tile_px=64, magnification=20)  # 128 px read -> 64 px
-    data = TileDataset(png, native, mpp=0.25)
+    data = TileDataset(png, native)
     assert len(data) == 6 * 4
     for i in (0, 5, len(data) - 1):
         x, y = native.coords[i]
@@ -452,7 +452,7 @@ def test_tile_dataset_in_workers(tmp_path):
     png = write_png(tmp_path / "s.png", rgb)
     with open_slide(png, mpp=0.5) as slide:
         tiling = plan_tiles(slide, None, tile_px=64)
-    data = TileDataset(png, tiling, mpp=0.5)
+    data = TileDataset(png, tiling)
     first = data[0]  # opens the slide in this process
     assert data._slide is not None
     clone = pickle.loads(pickle.dumps(data))

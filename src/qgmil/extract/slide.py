@@ -79,7 +79,8 @@ class Slide:
 
     path: the file; backend: "openslide" | "tiffslide" | "pillow";
     dimensions: level-0 (W, H) px; level_dimensions: (W, H) per level; level_downsamples: level-0 px per level px;
-    mpp: um per level-0 px (the override, else metadata, else None); magnification: objective power or None.
+    mpp: um per level-0 px from the metadata, else the `mpp` given to open_slide, else None
+    (mpp_from_metadata says which); magnification: objective power or None.
     """
 
     def __init__(self, path: Path, backend: str, *, mpp: float | None = None):
@@ -91,7 +92,8 @@ class Slide:
             self._open_pillow()
         else:
             self._open_wsi()
-        if mpp is not None:
+        self.mpp_from_metadata = self.mpp is not None
+        if self.mpp is None and mpp is not None:
             self.mpp = float(mpp)
 
     def _open_wsi(self):
@@ -230,7 +232,8 @@ def open_slide(path, *, mpp: float | None = None, backend: str | None = None) ->
 
     WSI suffixes use openslide if importable, else tiffslide; PNG / JPEG / BMP use Pillow, and so does a
     .tif / .tiff that the WSI reader cannot open (or when no WSI reader is installed). `backend` forces
-    one of "openslide", "tiffslide", "pillow". `mpp` (um per level-0 px, > 0) overrides the metadata.
+    one of "openslide", "tiffslide", "pillow". `mpp` (um per level-0 px, > 0) is the resolution of a slide
+    whose metadata have none (metadata win: a folder of mixed slides keeps each scan's own).
     """
     path = Path(path)
     if backend is not None and backend not in BACKENDS:

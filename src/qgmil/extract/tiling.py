@@ -166,10 +166,9 @@ class TileDataset(torch.utils.data.Dataset):
     backend each process decodes the whole image once.
     """
 
-    def __init__(self, slide_path, tiling: Tiling, *, mpp: float | None = None, backend: str | None = None):
+    def __init__(self, slide_path, tiling: Tiling, *, backend: str | None = None):
         self.slide_path = Path(slide_path)
         self.tiling = tiling
-        self.mpp = mpp
         self.backend = backend
         self._slide: Slide | None = None
         self._pid: int | None = None
@@ -177,7 +176,7 @@ class TileDataset(torch.utils.data.Dataset):
     def _open(self) -> Slide:
         # a handle inherited through fork belongs to the parent: reopen in each process
         if self._slide is None or self._pid != os.getpid():
-            self._slide = open_slide(self.slide_path, mpp=self.mpp, backend=self.backend)
+            self._slide = open_slide(self.slide_path, backend=self.backend)  # reads need no mpp
             self._pid = os.getpid()
         return self._slide
 

@@ -102,9 +102,8 @@ def tissue_mask(slide, settings: TilingSettings) -> tuple[np.ndarray, np.ndarray
 def prepare_slide(source: BagSource, settings: TilingSettings, out: Path) -> PreparedBag:
     """Open a slide, segment its tissue, plan its tiles -> a PreparedBag whose dataset reads the tiles."""
     path = Path(source.source)
-    with open_slide(path) as slide:
-        mpp_source = "metadata" if slide.mpp else "--mpp" if settings.mpp else None
-        slide.mpp = slide.mpp or settings.mpp
+    with open_slide(path, mpp=settings.mpp) as slide:
+        mpp_source = "metadata" if slide.mpp_from_metadata else "--mpp" if slide.mpp else None
         mask = None
         if settings.tissue:
             thumb, mask = tissue_mask(slide, settings)
