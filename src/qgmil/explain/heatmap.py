@@ -14,7 +14,6 @@ The heat is never built at level-0 resolution: tile rectangles are mapped to the
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -271,19 +270,9 @@ def bag_geometry(path) -> tuple[np.ndarray, float]:
 
 def _bag_units(run):
     """{bag_id: Unit (files, slide_ids)} of the run's dataset, bags as the run built them (slide or patient)."""
-    from ..data import MILDataset
-    from ..train.config import load_config
-    from .mass import _dataset_location
-
-    config = load_config(run.run_dir / "config.yaml")
-    _, table, features = _dataset_location(run.run_dir, config)
-    classes = json.loads((run.run_dir / "run.json").read_text()).get("classes")
-    try:
-        data = MILDataset.from_table(table, features, columns=config.data.columns, classes=classes,
-                                     bag_unit=config.data.bag_unit)
-    except (ValueError, OSError) as err:
-        raise HeatmapError(f"{run.run_dir}: cannot read the dataset ({err})") from None
-    return {u.bag_id: u for u in data.units}
+    if run.units_error is not None:
+        raise HeatmapError(f"{run.run_dir}: cannot read the dataset ({run.units_error})")
+    return run.units
 
 
 def run_names(runs) -> list[str]:

@@ -137,6 +137,8 @@ class RunAttention:
     rows: pd.DataFrame  # bag_id, fold, seed, label
     attention: list[np.ndarray] = field(default_factory=list)
     instance_labels: list[np.ndarray | None] = field(default_factory=list)
+    units: dict = field(default_factory=dict)  # bag_id -> data.Unit (its files, slide ids), as the run built bags
+    units_error: str | None = None  # why the run's dataset could not be read (then `units` is empty)
 
     def metrics(self) -> pd.DataFrame:
         records = []
@@ -213,15 +215,16 @@ def load_run(run_dir: str | Path) -> RunAttention:
     if rows.empty:
         raise MassError(f"{run_dir}: no test bag of predictions.csv has attention in folds/*/attention.h5")
 
-    unit_files: dict[str, tuple] = {}
+    run = RunAttention(run_dir, config.model.name, dataset, rows)
     try:
         data = MILDataset.from_table(table, features, columns=config.data.columns, classes=classes,
                                      bag_unit=config.data.bag_unit)
-        unit_files = {u.bag_id: u.files for u in data.units}
+        run.units = {u.bag_id: u for u in data.units}
     except (ValueError, OSError) as err:  # DataError is a ValueError
+        run.units_error = str(err)
         warnings.warn(f"{run_dir}: cannot read the dataset ({err}); no localisation metrics", stacklevel=2)
+    unit_files = {bag_id: u.files for bag_id, u in run.units.items()}
     label_cache: dict[str, np.ndarray | None] = {}
-    run = RunAttention(run_dir, config.model.name, dataset, rows)
     for k, ok in zip(keys, keep):
         if not ok:
             continue
