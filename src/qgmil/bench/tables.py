@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from ..evaluate.metrics import HIGHER_IS_BETTER
+
 if TYPE_CHECKING:
     from .runner import Cell
 
 TABLE_METRICS = ["macro_f1", "auroc", "balanced_accuracy", "ece", "brier"]
 METRIC_NAMES = {"macro_f1": "Macro-F1", "auroc": "AUROC", "balanced_accuracy": "Balanced accuracy", "ece": "ECE",
                 "brier": "Brier score"}
-LOWER_IS_BETTER = {"ece", "brier"}
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -108,7 +109,7 @@ def metric_grid(results: pd.DataFrame, models: list[str], datasets: list[str], m
     overall = mean.mean(axis=1).where(mean.notna().all(axis=1))
     # best at the shown precision (3 decimals), so that values printed alike are all bold or none is
     shown, shown_overall = mean.round(3), overall.round(3)
-    if metric in LOWER_IS_BETTER:
+    if not HIGHER_IS_BETTER[metric]:
         best, best_overall = shown.eq(shown.min()), shown_overall.eq(shown_overall.min())
     else:
         best, best_overall = shown.eq(shown.max()), shown_overall.eq(shown_overall.max())
@@ -154,7 +155,7 @@ def grid_latex(grid: MetricGrid, caption: str) -> str:
 
 
 def _footer(metric: str) -> str:
-    direction = "lowest" if metric in LOWER_IS_BETTER else "best"
+    direction = "best" if HIGHER_IS_BETTER[metric] else "lowest"
     return f"{METRIC_NAMES[metric]}, mean ± std over folds x seeds; {direction} per dataset in bold."
 
 
@@ -186,7 +187,7 @@ def format_metric_tables(results: pd.DataFrame, models: list[str], datasets: lis
         return "No finished cells yet."
     parts = []
     for metric in metrics:
-        heading = [f"## {METRIC_NAMES[metric]}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""), ""]
+        heading = [f"## {METRIC_NAMES[metric]}" + ("" if HIGHER_IS_BETTER[metric] else " (lower is better)"), ""]
         parts.append("\n".join((heading if len(metrics) > 1 else [])
                                + [grid_markdown(metric_grid(results, models, datasets, metric)), "", _footer(metric)]))
     return "\n\n".join(parts)
