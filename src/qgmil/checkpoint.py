@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .atomic import atomic_write  # noqa: F401  (re-exported: used across the package)
+from .atomic import atomic_write
 from .models.base import MILModel
 from .models.registry import architecture
 

@@ -413,7 +413,7 @@ def explain_mass(run_dirs, out):
     import numpy as np
     import pandas as pd
 
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write, atomic_write_text
     from .explain.mass import format_summary, load_run, summarize
 
     out = Path(out)
@@ -427,7 +427,7 @@ def explain_mass(run_dirs, out):
     table = format_summary(summary)
     atomic_write(out / "mass_per_bag.csv", lambda tmp: frame.to_csv(tmp, index=False))
     atomic_write(out / "mass_summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
-    atomic_write(out / "mass_summary.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    atomic_write_text(out / "mass_summary.md", table + "\n")
     written = [out / "mass_per_bag.csv", out / "mass_summary.csv", out / "mass_summary.md"]
     try:
         from .explain.mass_plots import lorenz_plot, mass_boxplots

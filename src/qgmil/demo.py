@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write, atomic_write_text
 from .train.config import load_config
 from .train.run import train_run
 
@@ -75,7 +75,7 @@ def run_demo(
             rows.append(row)
     table = pd.DataFrame(rows)
     atomic_write(out / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(format_results(table) + "\n"))
+    atomic_write_text(out / "results.md", format_results(table) + "\n")
     try:
         from .evaluate.plots import metric_bars
 

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write, atomic_write_text
 from ..train.config import ConfigError, RunConfig, format_validation_error, load_config
 from .tables import (
     attention_mass, collect_results, compute_gains, format_ablation, format_attention_mass, format_metric_tables,
@@ -393,7 +393,7 @@ def _write_failures(out: Path, failures: list[CellFailure]) -> None:
         path.unlink(missing_ok=True)
         return
     text = "\n".join(f"== {f.cell.model} on {f.cell.dataset} ({f.cell.run_dir})\n{f.traceback}" for f in failures)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, text)
 
 
 def run_benchmark(
@@ -418,8 +418,7 @@ def run_benchmark(
     start = time.time()
     if not report_only:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "benchmark.yaml",
-                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
+        atomic_write_text(out / "benchmark.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         heads = {c.index: f"[{c.index + 1}/{len(cells)}] {c.model} on {c.dataset}" for c in cells}
         mine = [c for c in cells if shard is None or c.index % shard[1] == shard[0]]
         for cell in mine:
@@ -452,7 +451,7 @@ def build_tables(out: str | Path, cells: list[Cell], echo: Callable[[str], None]
     mass, skipped = attention_mass(cells)
 
     def text(name: str, content: str) -> None:
-        atomic_write(out / name, lambda tmp: Path(tmp).write_text(content + "\n"))
+        atomic_write_text(out / name, content + "\n")
 
     atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     atomic_write(out / "gains.csv", lambda tmp: gains.to_csv(tmp, index=False))

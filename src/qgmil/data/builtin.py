@@ -514,7 +514,7 @@ def prepare_dataset(
     from tqdm.auto import tqdm
 
     from .. import __version__
-    from ..checkpoint import atomic_write
+    from ..atomic import atomic_write, atomic_write_text
 
     entry = _entry(name)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -576,6 +576,6 @@ def prepare_dataset(
         "source": plan.source,
         "qgmil_version": __version__,
     }
-    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+    atomic_write_text(meta_path, json.dumps(info, indent=2) + "\n")
     atomic_write(labels_path, lambda tmp: labels.to_csv(tmp, index=False))
     return out

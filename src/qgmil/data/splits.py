@@ -50,10 +50,10 @@ class Splits:
                 "folds": [asdict(f) for f in self.folds]}
 
     def save(self, path: str | Path) -> Path:
-        from ..checkpoint import atomic_write
+        from ..atomic import atomic_write_text
 
         path = Path(path)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_json(), indent=1)))
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1))
         return path
 
     @classmethod

@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write, load_model, read_metadata
+from ..atomic import atomic_write, atomic_write_text
+from ..checkpoint import load_model, read_metadata
 from ..data import DataError, MILDataset, read_attrs, read_table
 from ..data.bagfile import FEATURE_SUFFIXES, inspect_bag
 from ..data.table import Columns
@@ -148,6 +149,6 @@ def predict_bags(
     atomic_write(out / "attention.h5", write_attention)
     if len(y) and (y >= 0).all():
         metrics = classification_metrics(y, probs)
-        atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(
-            {"models": [str(p) for p in checkpoints], "n": int(len(y)), **metrics}, indent=1)))
+        atomic_write_text(out / "metrics.json", json.dumps(
+            {"models": [str(p) for p in checkpoints], "n": int(len(y)), **metrics}, indent=1))
     return frame

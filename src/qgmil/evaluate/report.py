@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write, atomic_write_text
 from .metrics import format_summary, summarize_predictions
 
 MAIN_METRICS = ["macro_f1", "balanced_accuracy", "accuracy", "auroc", "kappa", "ece", "brier", "nll"]
@@ -56,13 +56,13 @@ def write_report(run_dir: str | Path) -> dict:
     atomic_write(run_dir / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
     folds = fold_arrays(predictions, classes)
     summary = summarize_predictions(folds, ordinal=facts["ordinal"], n_boot=facts["n_boot"])
-    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     rows = [{"metric": k, **v} for k, v in summary.items()]
     atomic_write(run_dir / "summary.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     header = (f"# {facts['model']}: {len(folds)} test folds, {len(predictions)} test predictions\n\n"
               f"mean ± std over folds; 95% CI: bootstrap over test bags within folds\n\n")
     table = format_summary(summary, [m for m in MAIN_METRICS + list(summary) if m in summary and m != "n"][: len(summary)])
-    atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(header + table + "\n"))
+    atomic_write_text(run_dir / "summary.md", header + table + "\n")
     try:
         from .plots import reliability_diagram
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write, load_model, save_model
+from ..atomic import atomic_write, atomic_write_text
+from ..checkpoint import load_model, save_model
 from ..data import MILDataset, make_loader, set_epoch
 from ..data.splits import Fold
 from ..evaluate.metrics import HIGHER_IS_BETTER, classification_metrics
@@ -347,7 +348,7 @@ class FoldTrainer:
             if attention is not None:
                 names = branch_names(model, self.classes, branches[0].shape[0]) if branches else None
                 _write_attention(fold_dir / "attention.h5", parts.test, attention, fold, branches, names)
-            atomic_write(fold_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+            atomic_write_text(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
             (fold_dir / "state.safetensors").unlink(missing_ok=True)
         barrier(ctx)
         return metrics

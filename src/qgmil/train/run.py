@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write_text
 from ..data import (
     DataError, MILDataset, Splits, check_dataset, load_or_make_splits, prepare_dataset, read_attrs,
 )
@@ -57,7 +57,7 @@ def _absolute(config: RunConfig) -> RunConfig:
 
 
 def _write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def provenance(data: MILDataset) -> dict:
@@ -137,7 +137,7 @@ def train_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = F
     in_dim = data.in_dim
     facts = {"classes": data.classes, "in_dim": in_dim, "provenance": provenance(data), "bag_unit": config.data.bag_unit}
     if ctx.is_main:
-        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(config.to_yaml()))
+        atomic_write_text(out / "config.yaml", config.to_yaml())
         run_path = out / "run.json"
         run = json.loads(run_path.read_text()) if run_path.exists() else {
             "command": command or sys.argv, "cwd": os.getcwd(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
