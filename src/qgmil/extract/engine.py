@@ -284,7 +284,8 @@ def _extract_one(source: BagSource, prepared: Future, out: Path, encoder, device
     except Exception as err:  # any problem with one input is reported against that input
         message = f"{type(err).__name__}: {err}"
         if not skip_errors:
-            raise ExtractError(f"{source.source}: {message} (use --skip-errors to go on with the others)") from err
+            where = "" if source.source in str(err) else f"{source.source}: "  # slide errors name the file already
+            raise ExtractError(f"{where}{message} (use --skip-errors to go on with the others)") from err
         atomic_write_text(failed, f"{source.source}: {message}\n\n{traceback.format_exc()}")
         return BagResult(source.bag_id, source.source, "failed", seconds=time.perf_counter() - start, error=message)
     failed.unlink(missing_ok=True)
