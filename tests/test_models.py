@@ -179,3 +179,50 @@ def test_bf16_autocast(name):
     assert (low.attention[~mask] == 0).all()
     torch.testing.assert_close(low.embedding.float(), ref.embedding, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(low.logits.float(), ref.logits, atol=5e-3, rtol=5e-2)
+
+
+def test_tags_describe_every_model():
+    from qgmil.models import ABLATION_SET
+    from qgmil.models.registry import TAGS, model_entry
+
+    assert set(qgmil.list_models(tags="ablation")) == set(ABLATION_SET)
+    qg, base = set(qgmil.list_models(tags="qgmil")), set(qgmil.list_models(tags="baseline"))
+    assert qg.isdisjoint(base) and qg | base == set(MODELS)  # every model is one or the other
+    assert "transformer_mil" in base and "qgmil_light" in qg
+    assert qgmil.list_models("qgmil_*", tags=["qgmil", "ablation"]) == [m for m in sorted(ABLATION_SET) if m != "qgmil"]
+    assert all(model_entry(m).tags <= set(TAGS) for m in MODELS)
+    with pytest.raises(ValueError, match="unknown tag.*nope"):
+        qgmil.list_models(tags="nope")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_multi_branch_tag_matches_the_output(name):
+    """The `multi_branch` tag is exactly the models that return branch attention."""
+    x, mask = pad_bags(bags(6, 4))
+    out = make(name)(x, mask)
+    assert (out.branch_attention is not None) == ("multi_branch" in qgmil.models.model_entry(name).tags)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_has_unused_parameters_trait_is_exact(name):
+    """A training step leaves parameters without gradient only in models that declare it (DDP reads the trait)."""
+    model = make(name).train()
+    x, mask = pad_bags(bags(12, 9))
+    out = model(x, mask, labels=torch.tensor([0, 2]))
+    (out.logits.sum() + sum(out.aux_losses.values(), torch.zeros(()))).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert bool(unused) == type(model).has_unused_parameters, unused
+
+
+def test_check_model_names_the_problem_without_building():
+    from qgmil.models.registry import check_model
+
+    check_model("qgmil", {"gate": "elementwise", "dropout": 0.1})
+    with pytest.raises(ValueError, match="unknown model 'qgmill'.*qgmil"):
+        check_model("qgmill")
+    with pytest.raises(ValueError, match=r"dropot: not a field of qgmil \(fields: .*dropout"):
+        check_model("qgmil", {"dropot": 0.1})
+    with pytest.raises(ValueError, match="gate"):
+        check_model("qgmil", {"gate": "sideways"})
+    with pytest.raises(ValueError, match="in_dim: set from the data"):
+        check_model("abmil", {"in_dim": 3})

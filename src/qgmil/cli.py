@@ -33,20 +33,23 @@ def main():
 @click.argument("pattern", default="*")
 @click.option("--params", is_flag=True, help="Also count parameters (at --in-dim, 2 classes).")
 @click.option("--in-dim", default=1024, show_default=True, help="Feature dimension for --params.")
-def models(pattern, params, in_dim):
-    """List registered models matching PATTERN (shell-style, e.g. 'qgmil*')."""
+@click.option("--tag", "tags", multiple=True, help="Only models with this tag (repeatable): "
+              "qgmil, official, ablation, baseline, multi_branch.")
+def models(pattern, params, in_dim, tags):
+    """List registered models matching PATTERN (shell-style, e.g. 'qgmil*') with their tags."""
     from .models import create_model, list_models, model_entry
 
-    names = list_models(pattern)
+    names = list_models(pattern, tags=tags)
     if not names:
-        raise click.ClickException(f"no model matches {pattern!r}")
+        raise click.ClickException(f"no model matches {pattern!r}" + (f" with tags {', '.join(tags)}" if tags else ""))
     width = max(map(len, names))
     for name in names:
         extra = ""
         if params:
             n = sum(p.numel() for p in create_model(name, in_dim=in_dim, num_classes=2).parameters())
             extra = f"{n / 1e6:7.2f}M  "
-        click.echo(f"{name:<{width}}  {extra}{model_entry(name).description}")
+        entry = model_entry(name)
+        click.echo(f"{name:<{width}}  {extra}{entry.description}  [{', '.join(sorted(entry.tags))}]")
 
 
 @main.command("convert-official")
@@ -522,7 +525,7 @@ def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, epoc
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0), help="Heat opacity.")
 @click.option("--max-size", default=2048, show_default=True, type=click.IntRange(16), help="Long side of the heat (px).")
 @click.option("--branches", is_flag=True,
-              help="One panel per attention branch of a multi-branch run (clam_mb, dsmil: per class; acmil).")
+              help="One panel per attention branch of a multi-branch run (`qgmil models --tag multi_branch`).")
 @click.option("--patches", default=0, type=click.IntRange(0), metavar="K",
               help="Also write <bag_id>_patches.png: the K most and K least attended tiles (needs --slides).")
 @click.option("--tissue-only", is_flag=True, help="Paint no heat outside the tissue found on the slide (needs --slides).")

@@ -180,7 +180,7 @@ def expand_models(models: list[ModelSpec]) -> list[ModelSpec]:
         if spec.name == "ablation":
             names = list(ABLATION_SET)
         elif spec.name == "baselines":
-            names = [n for n in known if not n.startswith("qgmil")]
+            names = list_models(tags="baseline")
         elif any(ch in spec.name for ch in "*?["):
             names = list_models(spec.name)
         else:

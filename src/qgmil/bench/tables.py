@@ -26,8 +26,10 @@ _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 
 def is_qgmil(model_name: str) -> bool:
-    """QG-MIL variants are the registered models whose name starts with qgmil; everything else is a baseline."""
-    return model_name.startswith("qgmil")
+    """QG-MIL variants are the models tagged `qgmil` in the registry; everything else is a baseline."""
+    from ..models import model_entry
+
+    return "qgmil" in model_entry(model_name).tags
 
 
 def collect_results(cells: list[Cell]) -> pd.DataFrame:

@@ -309,8 +309,11 @@ def bag_branch_attention(run, bag_id: str) -> tuple[np.ndarray, list[str], int]:
                 found.append(group[bag_id][()])
                 names = [str(n) for n in group.attrs.get("names", [])]
     if not any_group:
+        from ..models import list_models
+
         raise HeatmapError(f"{run.run_dir}: no branch attention in folds/*/attention.h5 ({run.model} is not a "
-                           "multi-branch model such as clam_mb, dsmil or acmil, or the run predates --branches)")
+                           f"multi-branch model ({', '.join(list_models(tags='multi_branch'))}), "
+                           "or the run predates --branches)")
     if not found:
         raise HeatmapError(f"{run.run_dir}: bag {bag_id!r} has no test branch attention")
     if len({a.shape for a in found}) != 1:

@@ -67,7 +67,7 @@ from torch import nn
 from ..layers import map_instances, masked_softmax, weighted_sum
 from ..layers.branch_attention import BranchAttention
 from .base import MILModel, MILOutput, ModelConfig, as_batch
-from .registry import register_arch, register_model
+from .registry import register_arch, register_presets
 
 
 class ACMILConfig(ModelConfig):
@@ -153,6 +153,7 @@ class ACMIL(MILModel):
 
     arch = "acmil"
     Config = ACMILConfig
+    tags = ("baseline", "multi_branch")
 
     def __init__(self, config: ACMILConfig):
         super().__init__(config)
@@ -218,6 +219,4 @@ class ACMIL(MILModel):
 # Presets.
 
 
-@register_model("acmil", "ACMIL (Zhang et al. 2024): 5-branch gated attention, STKIM top-10 masking, diversity loss")
-def acmil(in_dim: int, num_classes: int, **overrides) -> ACMIL:
-    return ACMIL(ACMILConfig(**{"in_dim": in_dim, "num_classes": num_classes, **overrides}))
+register_presets(ACMIL, {"acmil": {}}, {"acmil": "ACMIL (Zhang et al. 2024): 5-branch gated attention, STKIM top-10 masking, diversity loss"})

@@ -82,8 +82,19 @@ class MILModel(nn.Module):
     arch: ClassVar[str]
     Config: ClassVar[type[ModelConfig]]
 
+    # Traits: what the engine needs to know about a model, read from the class, never from its name.
+    tags: ClassVar[tuple[str, ...]] = ("baseline",)
+    """Registry tags every preset of the architecture carries (see registry.TAGS)."""
+
     permutation_invariant: ClassVar[bool] = True
     """False for models that depend on instance order by design (e.g. TransMIL's PPEG grid)."""
+
+    branches_are_classes: ClassVar[bool] = False
+    """True when branch k of `MILOutput.branch_attention` is class k's attention (CLAM-MB, DSMIL)."""
+
+    has_unused_parameters: ClassVar[bool] = False
+    """True when a training step may leave parameters without gradient (CLAM trains only the instance
+    classifiers of the bag's class), so DDP must look for them (`find_unused_parameters`)."""
 
     inference_chunk: int | None = 8192
     """Instances per chunk for position-wise layers when no gradient is recorded (memory only, not numerics)."""
@@ -92,6 +103,12 @@ class MILModel(nn.Module):
         super().__init__()
         self.config = config
         self.name = self.arch
+
+    def branch_names(self, classes: list[str], k: int) -> list[str]:
+        """Display names of the K branches of `branch_attention`: the class names where branch k is class k's."""
+        if self.branches_are_classes and k == len(classes):
+            return [str(c) for c in classes]
+        return [f"branch {i}" for i in range(k)]
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None

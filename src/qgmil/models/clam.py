@@ -141,6 +141,8 @@ class CLAM(MILModel):
 
     arch = "clam"
     Config = CLAMConfig
+    branches_are_classes = True  # CLAM-MB: one attention branch per class
+    has_unused_parameters = True  # only the instance classifiers of the bag's class train in a step
 
     def __init__(self, config: CLAMConfig):
         super().__init__(config)
@@ -248,4 +250,4 @@ DESCRIPTIONS = {
 }
 
 
-register_presets(CLAM, PRESETS, DESCRIPTIONS)
+register_presets(CLAM, PRESETS, DESCRIPTIONS, tags={"clam_mb": ["multi_branch"]})

@@ -78,7 +78,7 @@ from torch import nn
 
 from ..layers import map_instances, masked_softmax
 from .base import MILModel, MILOutput, ModelConfig, as_batch
-from .registry import register_arch, register_model
+from .registry import register_arch, register_presets
 
 
 class DSMILConfig(ModelConfig):
@@ -137,6 +137,8 @@ class DSMIL(MILModel):
 
     arch = "dsmil"
     Config = DSMILConfig
+    tags = ("baseline", "multi_branch")
+    branches_are_classes = True  # one critical-instance attention per class
 
     def __init__(self, config: DSMILConfig):
         super().__init__(config)
@@ -220,6 +222,4 @@ class DSMIL(MILModel):
 # Presets.
 
 
-@register_model("dsmil", "DSMIL (Li et al. 2021): max-instance stream + critical-instance attention, official defaults")
-def dsmil(in_dim: int, num_classes: int, **overrides) -> DSMIL:
-    return DSMIL(DSMILConfig(**{"in_dim": in_dim, "num_classes": num_classes, **overrides}))
+register_presets(DSMIL, {"dsmil": {}}, {"dsmil": "DSMIL (Li et al. 2021): max-instance stream + critical-instance attention, official defaults"})

@@ -82,7 +82,7 @@ from torch import nn
 
 from ..layers import GatedAttentionPool, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
-from .registry import register_arch, register_model
+from .registry import register_arch, register_presets
 
 
 class DTFDConfig(ModelConfig):
@@ -311,6 +311,4 @@ class DTFDMIL(MILModel):
 # Presets.
 
 
-@register_model("dtfd_mil", "DTFD-MIL (Zhang et al. 2022): 4 pseudo-bags, tier-1 gated attention, AFS, tier 2")
-def dtfd_mil(in_dim: int, num_classes: int, **overrides) -> DTFDMIL:
-    return DTFDMIL(DTFDConfig(**{"in_dim": in_dim, "num_classes": num_classes, **overrides}))
+register_presets(DTFDMIL, {"dtfd_mil": {}}, {"dtfd_mil": "DTFD-MIL (Zhang et al. 2022): 4 pseudo-bags, tier-1 gated attention, AFS, tier 2"})

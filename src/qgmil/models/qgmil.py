@@ -146,6 +146,7 @@ class QGMIL(MILModel):
 
     arch = "qgmil"
     Config = QGMILConfig
+    tags = ()  # per preset: QG-MIL variants, or the plain-transformer baseline
 
     def __init__(self, config: QGMILConfig):
         super().__init__(config)
@@ -258,5 +259,14 @@ DESCRIPTIONS = {
 #: The clean one-component-off ablation set, with the full model first.
 ABLATION_SET = ["qgmil", "qgmil_wo_rmsnorm", "qgmil_wo_qknorm", "qgmil_wo_gate", "qgmil_wo_swiglu"]
 
+OFFICIAL_PRESETS = ["qgmil", "qgmil_elementwise", "qgmil_no_gate", "qgmil_layernorm", "qgmil_no_qknorm",
+                    "qgmil_minimal", "qgmil_deep", "qgmil_light"]
 
-register_presets(QGMIL, PRESETS, DESCRIPTIONS)
+
+def _tags(name: str) -> list[str]:
+    if name == "transformer_mil":
+        return ["baseline"]
+    return ["qgmil", *(["official"] if name in OFFICIAL_PRESETS else []), *(["ablation"] if name in ABLATION_SET else [])]
+
+
+register_presets(QGMIL, PRESETS, DESCRIPTIONS, tags={name: _tags(name) for name in PRESETS})

@@ -1,19 +1,43 @@
-"""Model registry, timm style: `create_model`, `list_models`, `register_model`."""
+"""Model registry, timm style: `create_model`, `list_models(pattern, tags=...)`, `register_presets`.
+
+A registered model is a preset of an architecture: the architecture class, the config fields the preset
+fixes, a one-line description and tags. Tags say what a model is, so that the engine and the benchmark
+never test names (`TAGS` lists them). `check_model` validates a name and config overrides without
+building anything, so a run can refuse a bad model before it touches data or disk.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from .base import MILModel
+from pydantic import ValidationError
+
+from .base import MILModel, ModelConfig
+
+#: tag -> what it means
+TAGS: dict[str, str] = {
+    "qgmil": "a QG-MIL variant (the paper's aggregator, a preset or an ablation of it)",
+    "official": "a preset of the official QG-MIL code, numerically identical to it",
+    "ablation": "the clean one-component-off ablation set (full qgmil and each qgmil_wo_* variant)",
+    "baseline": "a comparison model, not a QG-MIL variant",
+    "multi_branch": "returns branch_attention: one attention per class or branch",
+}
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    factory: Callable[..., MILModel]
+    arch: type[MILModel]
+    preset: Mapping[str, Any]
     description: str
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+    def config(self, in_dim: int, num_classes: int, **overrides) -> ModelConfig:
+        """The validated config of this preset with `overrides` (pydantic ValidationError if invalid)."""
+        return self.arch.Config(**{**self.preset, "in_dim": in_dim, "num_classes": num_classes, **overrides})
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -26,31 +50,35 @@ def register_arch(cls: type[MILModel]) -> type[MILModel]:
     return cls
 
 
-def register_model(name: str, description: str = ""):
-    """Decorator for a factory `fn(in_dim, num_classes, **overrides) -> MILModel`."""
+def register_model(name: str, arch: type[MILModel], preset: Mapping[str, Any] | None = None, description: str = "",
+                   tags: Iterable[str] = ()) -> ModelEntry:
+    """Register `name` as architecture `arch` with the config fields of `preset`; tags add to `arch.tags`."""
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is registered twice")
+    all_tags = frozenset(arch.tags) | frozenset(tags)
+    unknown = sorted(all_tags - set(TAGS))
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown tag(s) {', '.join(unknown)}; known: {', '.join(TAGS)}")
+    entry = ModelEntry(name, arch, dict(preset or {}), description or (arch.__doc__ or "").strip().split("\n")[0],
+                       all_tags)
+    _MODELS[name] = entry
+    return entry
 
-    def wrap(fn):
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = ModelEntry(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
-        return fn
 
-    return wrap
-
-
-def register_presets(cls: type[MILModel], presets: dict[str, dict], descriptions: dict[str, str]) -> None:
-    """Register each preset (name -> config fields) of architecture `cls` as a model."""
+def register_presets(cls: type[MILModel], presets: dict[str, dict], descriptions: dict[str, str],
+                     tags: Mapping[str, Iterable[str]] | None = None) -> None:
+    """Register each preset (name -> config fields) of architecture `cls`; `tags`: name -> extra tags."""
     for name, preset in presets.items():
-
-        def factory(in_dim: int, num_classes: int, _preset=preset, **overrides) -> MILModel:
-            return cls(cls.Config(**{**_preset, "in_dim": in_dim, "num_classes": num_classes, **overrides}))
-
-        register_model(name, descriptions[name])(factory)
+        register_model(name, cls, preset, descriptions[name], (tags or {}).get(name, ()))
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style pattern, e.g. "qgmil*"."""
-    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+def list_models(pattern: str = "*", tags: Iterable[str] | str | None = None) -> list[str]:
+    """Registered model names matching a shell-style pattern (e.g. "qgmil*") that carry every tag in `tags`."""
+    wanted = {tags} if isinstance(tags, str) else set(tags or ())
+    unknown = sorted(wanted - set(TAGS))
+    if unknown:
+        raise ValueError(f"unknown tag(s) {', '.join(unknown)}; known: {', '.join(TAGS)}")
+    return sorted(n for n, e in _MODELS.items() if fnmatch.fnmatchcase(n, pattern) and wanted <= e.tags)
 
 
 def model_entry(name: str) -> ModelEntry:
@@ -60,9 +88,35 @@ def model_entry(name: str) -> ModelEntry:
     return _MODELS[name]
 
 
+def check_model(name: str, overrides: Mapping[str, Any] | None = None) -> None:
+    """Raise ValueError naming the problem if `create_model(name, ..., **overrides)` could not build.
+
+    Checks the name and every override against the architecture's config; `in_dim` and `num_classes`
+    come from the data, so they are not overrides. Nothing is built.
+    """
+    entry = model_entry(name)
+    overrides = dict(overrides or {})
+    fixed = sorted({"in_dim", "num_classes"} & set(overrides))
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)}: set from the data, not a model override")
+    try:
+        entry.config(in_dim=1, num_classes=2, **overrides)
+    except ValidationError as err:
+        fields = sorted(set(entry.arch.Config.model_fields) - {"in_dim", "num_classes"})
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                problems.append(f"{key}: not a field of {name} (fields: {', '.join(fields)})")
+            else:
+                problems.append(f"{key or name}: {e['msg']}" + (f" (got {e['input']!r})" if key else ""))
+        raise ValueError("; ".join(problems)) from None
+
+
 def create_model(name: str, *, in_dim: int, num_classes: int, **overrides) -> MILModel:
     """Build a registered model. `overrides` are config fields of the architecture (validated)."""
-    model = model_entry(name).factory(in_dim=in_dim, num_classes=num_classes, **overrides)
+    entry = model_entry(name)
+    model = entry.arch(entry.config(in_dim, num_classes, **overrides))
     model.name = name
     return model
 

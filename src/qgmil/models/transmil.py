@@ -77,7 +77,7 @@ from torch import nn
 
 from ..layers import map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
-from .registry import register_arch, register_model
+from .registry import register_arch, register_presets
 
 
 class TransMILConfig(ModelConfig):
@@ -302,6 +302,4 @@ class TransMIL(MILModel):
 # Presets.
 
 
-@register_model("transmil", "TransMIL (Shao et al. 2021): Nystrom transformer with PPEG, CLS token (official sizes)")
-def transmil(in_dim: int, num_classes: int, **overrides) -> TransMIL:
-    return TransMIL(TransMILConfig(**{"in_dim": in_dim, "num_classes": num_classes, **overrides}))
+register_presets(TransMIL, {"transmil": {}}, {"transmil": "TransMIL (Shao et al. 2021): Nystrom transformer with PPEG, CLS token (official sizes)"})

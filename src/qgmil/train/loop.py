@@ -132,16 +132,11 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-#: architectures whose branch k is the attention of class k (CLAM-MB, DSMIL); other branches (ACMIL) are numbered
-CLASS_BRANCH_ARCHS = ("clam", "dsmil")
 BRANCH_GROUP = "branch_attention"
 
 
 def branch_names(model: MILModel, classes: list[str], k: int) -> list[str]:
-    """Display names of a model's K attention branches: the class names where branch k is class k's."""
-    if getattr(model, "arch", None) in CLASS_BRANCH_ARCHS and k == len(classes):
-        return [str(c) for c in classes]
-    return [f"branch {i}" for i in range(k)]
+    return model.branch_names(classes, k)
 
 
 def write_branch_attention(f: h5py.File, bag_ids: list[str], branches: list[np.ndarray], names: list[str]) -> None:
@@ -199,7 +194,7 @@ class FoldTrainer:
         if ctx.enabled:
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                find_unused_parameters=True)  # e.g. CLAM trains only the instance classifiers of the bag's class
+                find_unused_parameters=model.has_unused_parameters)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=cfg.optim.betas)
         train = parts.train
