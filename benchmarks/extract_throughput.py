@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from qgmil.extract.encoders import create_encoder
-from qgmil.train.distributed import autocast_dtype
+from qgmil.runtime import autocast_dtype
 from qgmil.extract.slide import open_slide
 from qgmil.extract.tiling import TileDataset, plan_tiles
 from qgmil.extract.wsi import TilingSettings, extract_slides

@@ -37,7 +37,7 @@ def test_readme_data_commands_run(tmp_path):
 
 
 def test_readme_config_example_is_valid_and_shows_the_defaults(tmp_path):
-    from qgmil.train.config import RunConfig, load_config
+    from qgmil.rundir.config import RunConfig, load_config
 
     section = README.split("## Training and cross-validation", 1)[1].split("\n## ", 1)[0]
     block = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)[0]

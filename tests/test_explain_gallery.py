@@ -29,7 +29,7 @@ TRAIN = {"eval.folds": 2, "optim.epochs": 1, "optim.batch_size": 4, "runtime.pro
 
 
 def train(table, features, out, model="abmil"):
-    from qgmil.train.config import load_config
+    from qgmil.rundir.config import load_config
     from qgmil.train.run import train_run
 
     train_run(load_config(None, [], {**TRAIN, "data.table": table, "data.features": features, "model.name": model}), out)

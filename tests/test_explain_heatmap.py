@@ -176,7 +176,7 @@ def test_real_svs(tmp_path):
 @pytest.fixture(scope="module")
 def wsi_runs(tmp_path_factory):
     from qgmil.data import prepare_dataset
-    from qgmil.train.config import load_config
+    from qgmil.rundir.config import load_config
     from qgmil.train.run import train_run
 
     root = tmp_path_factory.mktemp("heatmap")
@@ -304,7 +304,7 @@ def test_branch_attention_saved_and_drawn(wsi_runs, tmp_path):
 
 
 def load_table_dir(run):
-    from qgmil.train.config import load_config
+    from qgmil.rundir.config import load_config
 
     return load_config(run / "config.yaml").data.table.parent
 
@@ -312,7 +312,7 @@ def load_table_dir(run):
 @pytest.fixture(scope="module")
 def patient_run(tmp_path_factory):
     from qgmil.data import prepare_dataset
-    from qgmil.train.config import load_config
+    from qgmil.rundir.config import load_config
     from qgmil.train.run import train_run
 
     root = tmp_path_factory.mktemp("patients")

@@ -114,7 +114,7 @@ def test_localisation_length_mismatch():
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     from qgmil.data import prepare_dataset
-    from qgmil.train.config import load_config
+    from qgmil.rundir.config import load_config
     from qgmil.train.run import train_run
 
     root = tmp_path_factory.mktemp("mass")

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import qgmil.train.loop as loop
 from qgmil.cli import main
 from qgmil.data import prepare_dataset, write_bag
-from qgmil.train.config import ConfigError, load_config, parse_set
+from qgmil.rundir.config import ConfigError, load_config, parse_set
 from qgmil.train.run import train_run
 
 # Small and quick, deterministic on CPU (no dropout so that 1 and 2 processes compute the same math).

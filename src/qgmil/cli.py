@@ -343,7 +343,7 @@ def train(config_file, sets, out, resume, quiet, **flags):
     --set KEY=VALUE override them. The run directory holds the resolved config, splits, versions,
     per-fold checkpoints and metrics, test predictions and attention, and the summary.
     """
-    from .train.config import load_config, parse_set
+    from .rundir.config import load_config, parse_set
     from .train.run import train_run
 
     keys = {"table": "data.table", "features": "data.features", "builtin": "data.builtin", "model": "model.name",
@@ -481,7 +481,7 @@ def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, epoc
     finished cells are skipped. Exits with 1 when a cell failed (the others still run).
     """
     from .bench.runner import load_spec, parse_shard, run_benchmark
-    from .train.config import parse_set
+    from .rundir.config import parse_set
 
     if out is None and not builtin:
         raise click.UsageError("missing option --out (the benchmark directory)")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_write, atomic_write_text
-from .train.config import load_config
+from .rundir.config import load_config
 from .train.run import train_run
 
 DEMO_DATASETS: dict[str, dict] = {"musk1": {}, "elephant": {}, "digit-bags": {"bags": 200}}

@@ -44,7 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..atomic import atomic_write, atomic_write_text
-from ..train.config import ConfigError, RunConfig, format_validation_error, load_config
+from ..rundir.config import ConfigError, RunConfig, format_validation_error, load_config
 from .tables import (
     attention_mass, collect_results, compute_gains, format_ablation, format_attention_mass, format_metric_tables,
     format_results, format_results_latex,

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, atomic_write_text
 from ..checkpoint import load_model, read_metadata
 from ..data import DataError, MILDataset, read_attrs, read_table
 from ..data.bagfile import FEATURE_SUFFIXES, inspect_bag
 from ..data.table import Columns
+from ..rundir import RunDir, write_attention
+from ..rundir.directory import write_csv, write_json
+from ..runtime import Dist, resolve_device
+from .inference import infer
 from .metrics import classification_metrics
 
 
@@ -26,11 +26,7 @@ def find_checkpoints(source: str | Path) -> list[Path]:
         return [source]
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such run directory or checkpoint")
-    found = [p.parent / "best.safetensors" for p in sorted((source / "folds").glob("*/metrics.json"))]
-    found = [p for p in found if p.exists()]
-    if not found:
-        raise FileNotFoundError(f"{source}: no finished fold with a best.safetensors (is this a qgmil run directory?)")
-    return found
+    return RunDir(source).checkpoints()
 
 
 def _table_for(data: Path, features: Path | None, columns: Columns | None) -> tuple[pd.DataFrame, Path]:
@@ -86,9 +82,6 @@ def predict_bags(
     multi-branch models also the group `branch_attention`: per bag the mean (K, N) branch attentions,
     attrs["names"]) and, when every bag has a known label, OUT/metrics.json.
     """
-    from ..data import make_loader
-    from ..train.loop import branch_names, write_branch_attention
-
     checkpoints = find_checkpoints(source)
     metas = [read_metadata(p) for p in checkpoints]
     classes = metas[0]["extra"].get("classes")
@@ -102,30 +95,23 @@ def predict_bags(
     dataset = MILDataset.from_table(table, features_dir, classes=classes, bag_unit=bag_unit, require_labels=False)
     _check_compatible(dataset, metas[0], Path(source))
 
-    n = len(dataset)
-    probs = np.zeros((n, len(classes)))
-    attention: list[np.ndarray | None] = [None] * n
-    branches: list[np.ndarray | None] = [None] * n  # (K, N) per bag, multi-branch models only
-    names = None
+    # The mean over the fold models of each bag's probabilities, attention and branch attention.
+    ctx = Dist(device=resolve_device(device))
+    total = None
     for path in tqdm(checkpoints, desc="models", disable=not progress or len(checkpoints) == 1):
-        model = load_model(path, device=device)
-        with torch.no_grad():
-            for batch in tqdm(make_loader(dataset, batch_size, train=False), desc=path.parent.name, leave=False,
-                              disable=not progress):
-                output = model(batch.x.to(device), batch.mask.to(device))
-                p = output.logits.float().softmax(-1).cpu().numpy()
-                a = output.attention.float().cpu().numpy()
-                b = None if output.branch_attention is None else output.branch_attention.float().cpu().numpy()
-                for row, i in enumerate(batch.index.tolist()):
-                    real = batch.mask[row].numpy()
-                    probs[i] += p[row] / len(checkpoints)
-                    share = a[row][real] / len(checkpoints)
-                    attention[i] = share if attention[i] is None else attention[i] + share
-                    if b is not None:
-                        share = b[row][:, real] / len(checkpoints)
-                        branches[i] = share if branches[i] is None else branches[i] + share
-                if b is not None and names is None:
-                    names = branch_names(model, classes, b.shape[1])
+        run = infer(load_model(path, device=str(ctx.device)), dataset, ctx, batch_size=batch_size, attention=True,
+                    classes=classes, progress=progress, desc=path.parent.name)
+        if total is None:
+            total = run
+            continue
+        total.probs = total.probs + run.probs
+        total.attention = [a + b for a, b in zip(total.attention, run.attention)]
+        if total.branches is not None:
+            total.branches = [a + b for a, b in zip(total.branches, run.branches)]
+    k = len(checkpoints)
+    probs = total.probs / k
+    attention = [a / k for a in total.attention]
+    branches = None if total.branches is None else [b / k for b in total.branches]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,19 +122,10 @@ def predict_bags(
     frame["pred"] = [classes[i] for i in probs.argmax(1)]
     for i, c in enumerate(classes):
         frame[f"prob_{c}"] = probs[:, i]
-    atomic_write(out / "predictions.csv", lambda tmp: frame.to_csv(tmp, index=False))
-
-    def write_attention(tmp):
-        with h5py.File(tmp, "w") as f:
-            f.attrs["models"] = [str(p) for p in checkpoints]
-            for bag_id, att in zip(dataset.bag_ids, attention):
-                f.create_dataset(bag_id, data=att.astype(np.float32))
-            if names is not None:
-                write_branch_attention(f, dataset.bag_ids, branches, names)
-
-    atomic_write(out / "attention.h5", write_attention)
+    write_csv(out / "predictions.csv", frame)
+    write_attention(out / "attention.h5", dataset.bag_ids, attention, branches=branches,
+                    branch_names=total.branch_names, attrs={"models": [str(p) for p in checkpoints]})
     if len(y) and (y >= 0).all():
         metrics = classification_metrics(y, probs)
-        atomic_write_text(out / "metrics.json", json.dumps(
-            {"models": [str(p) for p in checkpoints], "n": int(len(y)), **metrics}, indent=1))
+        write_json(out / "metrics.json", {"models": [str(p) for p in checkpoints], "n": int(len(y)), **metrics})
     return frame

@@ -294,20 +294,17 @@ def bag_attention(run, bag_id: str) -> tuple[np.ndarray, int]:
 def bag_branch_attention(run, bag_id: str) -> tuple[np.ndarray, list[str], int]:
     """((K, N) branch attention, K branch names, seeds averaged): the mean over the seeds that tested the bag,
     from the `branch_attention` group of folds/*/attention.h5 (multi-branch models only)."""
-    import h5py
-
-    from ..train.loop import BRANCH_GROUP
+    from ..rundir import RunDir, read_attention
 
     found, names, any_group = [], None, False
-    for path in sorted((run.run_dir / "folds").glob("*/attention.h5")):
-        with h5py.File(path, "r") as f:
-            group = f.get(BRANCH_GROUP)
-            if not isinstance(group, h5py.Group):
-                continue
-            any_group = True
-            if bag_id in group:
-                found.append(group[bag_id][()])
-                names = [str(n) for n in group.attrs.get("names", [])]
+    for path in RunDir(run.run_dir).attention_files():
+        stored = read_attention(path, bags=[bag_id], branches=True)
+        if not stored.has_branches:
+            continue
+        any_group = True
+        if bag_id in stored.branches:
+            found.append(stored.branches[bag_id])
+            names = stored.branch_names
     if not any_group:
         from ..models import list_models
 

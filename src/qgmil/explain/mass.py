@@ -159,14 +159,6 @@ class RunAttention:
         return np.stack([lorenz_curve(a, grid) for a in self.attention]) if self.attention else np.empty((0, grid.size))
 
 
-def _dataset_location(run_dir: Path, config) -> tuple[str, Path, Path]:
-    data = config.data
-    if data.builtin is not None:
-        root = Path(data.builtin_dir) if data.builtin_dir else run_dir / "data" / data.builtin
-        return data.builtin, root / "labels.csv", root / "features"
-    return Path(data.table).parent.name, Path(data.table), Path(data.features) if data.features else None
-
-
 def _read_instance_labels(files: Iterable[Path]) -> np.ndarray | None:
     from ..data import read_bag
 
@@ -187,28 +179,27 @@ def _read_instance_labels(files: Iterable[Path]) -> np.ndarray | None:
 def load_run(run_dir: str | Path) -> RunAttention:
     """Read a training run's test attention (folds/*/attention.h5) and its bags' instance labels, if any."""
     from ..data import MILDataset
-    from ..train.config import load_config
+    from ..rundir import RunDir, RunDirError, read_attention
 
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file() or not (run_dir / "config.yaml").is_file():
-        raise MassError(f"{run_dir}: not a qgmil run directory (no run.json / config.yaml)")
-    if not (run_dir / "predictions.csv").is_file():
-        raise MassError(f"{run_dir}: no predictions.csv (the run has not finished)")
-    files = sorted((run_dir / "folds").glob("*/attention.h5")) if (run_dir / "folds").is_dir() else []
+    rundir = RunDir(run_dir)
+    try:
+        rundir.require_run()
+        predictions = rundir.read_predictions()
+    except RunDirError as err:
+        raise MassError(str(err)) from None
+    files = rundir.attention_files()
     if not files:
         raise MassError(f"{run_dir}: no folds/*/attention.h5 (was the run trained with eval.save_attention=false?)")
-    config = load_config(run_dir / "config.yaml")
-    classes = json.loads((run_dir / "run.json").read_text()).get("classes")
-    dataset, table, features = _dataset_location(run_dir, config)
+    config = rundir.read_config()
+    classes = rundir.classes
+    dataset, table, features = rundir.dataset_source(config)
 
-    predictions = pd.read_csv(run_dir / "predictions.csv", dtype={"bag_id": str, "patient_id": str})
     attention: dict[tuple[str, int, int], np.ndarray] = {}
     for path in files:
-        with h5py.File(path, "r") as f:
-            fold, seed = int(f.attrs["fold"]), int(f.attrs["seed"])
-            for bag_id, item in f.items():
-                if isinstance(item, h5py.Dataset):  # groups (branch_attention/) hold other attentions
-                    attention[(bag_id, fold, seed)] = item[()]
+        found = read_attention(path)
+        fold, seed = int(found.attrs["fold"]), int(found.attrs["seed"])
+        attention.update({(bag_id, fold, seed): a for bag_id, a in found.pooled.items()})
     keys = list(zip(predictions["bag_id"], predictions["fold"].astype(int), predictions["seed"].astype(int)))
     keep = [k in attention for k in keys]
     rows = predictions.loc[keep, list(BAG_COLUMNS)].reset_index(drop=True)

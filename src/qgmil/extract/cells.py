@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..train.distributed import init_distributed
+from ..runtime import init_distributed
 from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, run_extraction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..data.bagfile import write_bag
-from ..train.distributed import Dist, all_gather, autocast_dtype, barrier
+from ..runtime import Dist, all_gather, autocast_dtype, barrier
 
 MANIFEST = "extract.json"
 PREPARE_AHEAD = 2  # bags prepared in background threads while one is encoded

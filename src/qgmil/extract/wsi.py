@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..train.distributed import init_distributed
+from ..runtime import init_distributed
 from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, run_extraction
 from .slide import PLAIN_SUFFIXES, WSI_SUFFIXES, open_slide
 from .tiling import TileDataset, plan_tiles

@@ -88,29 +88,38 @@ def model_entry(name: str) -> ModelEntry:
     return _MODELS[name]
 
 
-def check_model(name: str, overrides: Mapping[str, Any] | None = None) -> None:
-    """Raise ValueError naming the problem if `create_model(name, ..., **overrides)` could not build.
+class ModelConfigError(ValueError):
+    """Config overrides that do not fit a model; `problems` lists (field, what is wrong)."""
 
-    Checks the name and every override against the architecture's config; `in_dim` and `num_classes`
-    come from the data, so they are not overrides. Nothing is built.
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+
+
+def check_model(name: str, overrides: Mapping[str, Any] | None = None) -> None:
+    """Raise ValueError naming the problem if `create_model(name, ..., **overrides)` could not build:
+    an unknown name lists the registered models, bad overrides raise ModelConfigError (one entry per
+    field, unknown fields with the model's fields). `in_dim` and `num_classes` come from the data, so
+    they are not overrides. Nothing is built.
     """
     entry = model_entry(name)
     overrides = dict(overrides or {})
     fixed = sorted({"in_dim", "num_classes"} & set(overrides))
     if fixed:
-        raise ValueError(f"{', '.join(fixed)}: set from the data, not a model override")
+        raise ModelConfigError([(key, "set from the data, not a model override") for key in fixed])
     try:
         entry.config(in_dim=1, num_classes=2, **overrides)
     except ValidationError as err:
         fields = sorted(set(entry.arch.Config.model_fields) - {"in_dim", "num_classes"})
         problems = []
         for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"])
+            key = ".".join(str(p) for p in e["loc"]) or "(model config)"
             if e["type"] == "extra_forbidden":
-                problems.append(f"{key}: not a field of {name} (fields: {', '.join(fields)})")
+                problems.append((key, f"not a field of {name} (fields: {', '.join(fields)})"))
             else:
-                problems.append(f"{key or name}: {e['msg']}" + (f" (got {e['input']!r})" if key else ""))
-        raise ValueError("; ".join(problems)) from None
+                problems.append((key, e["msg"].removeprefix("Value error, ")
+                                 + (f" (got {e['input']!r})" if e["loc"] else "")))
+        raise ModelConfigError(problems) from None
 
 
 def create_model(name: str, *, in_dim: int, num_classes: int, **overrides) -> MILModel:

@@ -4,33 +4,31 @@ Per epoch: train on the training part, score the validation part, keep the best 
 (`best.safetensors`), write `epochs.csv`, and save the full state (`state.safetensors`: weights,
 optimizer, schedule, RNG). Resuming from that state continues bit for bit. At the end the best
 weights predict the test part: `predictions.csv`, `attention.h5`, `metrics.json` (written last: its
-presence marks the fold as done).
+presence marks the fold as done). Where those files live is `rundir.FoldDir`'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, atomic_write_text
 from ..checkpoint import load_model, save_model
 from ..data import MILDataset, make_loader, set_epoch
 from ..data.splits import Fold
+from ..evaluate.inference import infer
 from ..evaluate.metrics import HIGHER_IS_BETTER, classification_metrics
 from ..models import MILModel, create_model
-from .config import RunConfig
-from .distributed import Dist, all_gather, autocast_dtype, barrier
+from ..rundir import FoldDir, RunConfig, write_attention
+from ..rundir.directory import write_csv
+from ..runtime import Dist, all_gather, autocast, autocast_dtype, barrier
 from .state import load_state, save_state
 
 
@@ -73,99 +71,12 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def predict(model: MILModel, data: MILDataset, ctx: Dist, *, batch_size: int, dtype: torch.dtype | None,
-            attention: bool = False, num_workers: int = 0
-            ) -> tuple[np.ndarray, list[np.ndarray] | None, list[np.ndarray] | None]:
-    """-> probabilities (n, C) in dataset order, and with `attention` each bag's pooling attention (N,)
-    over its real instances and, for multi-branch models (`MILOutput.branch_attention`), its branch
-    attentions (K, N) (else None).
-
-    Under torchrun every rank scores its share of each batch; the results are gathered on all ranks.
-    """
-    loader = make_loader(data, batch_size, train=False, num_replicas=ctx.world, rank=ctx.rank, num_workers=num_workers)
-    plan = loader.batch_sampler.step_plan()
-    results: dict[int, tuple] = {}
-    model.eval()
-    with torch.no_grad():
-        for batch, (_, stand_in) in zip(loader, plan):
-            if stand_in:
-                continue
-            batch = batch.to(ctx.device)
-            with _autocast(ctx.device, dtype):
-                out = model(batch.x, batch.mask)
-            probs = out.logits.float().softmax(-1).cpu().numpy()
-            att = out.attention.float().cpu().numpy() if attention else None
-            branches = None
-            if attention and out.branch_attention is not None:
-                branches = out.branch_attention.float().cpu().numpy()
-            mask = batch.mask.cpu().numpy()
-            for row, index in enumerate(batch.index.tolist()):
-                real = mask[row]
-                results[index] = (probs[row], att[row][real] if attention else None,
-                                  branches[row][:, real] if branches is not None else None)
-    merged: dict[int, tuple] = {}
-    for part in all_gather(results, ctx):
-        merged.update(part)
-    order = range(len(data))
-    probs = np.stack([merged[i][0] for i in order])
-    if not attention:
-        return probs, None, None
-    branches = [merged[i][2] for i in order]
-    return probs, [merged[i][1] for i in order], (branches if branches and branches[0] is not None else None)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _score(metrics: dict, monitor: str) -> tuple[float, float]:
     """Comparable score, higher is better; ties on the monitored metric go to the lower validation loss."""
     name = "nll" if monitor == "loss" else monitor
     value = metrics[name] if HIGHER_IS_BETTER[name] else -metrics[name]
     value = -math.inf if value is None or math.isnan(value) else value
     return (value, -metrics["nll"])
-
-
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-BRANCH_GROUP = "branch_attention"
-
-
-def branch_names(model: MILModel, classes: list[str], k: int) -> list[str]:
-    return model.branch_names(classes, k)
-
-
-def write_branch_attention(f: h5py.File, bag_ids: list[str], branches: list[np.ndarray], names: list[str]) -> None:
-    """Group `branch_attention` of an open attention.h5: one (K, N) float32 dataset per bag, attrs["names"] (K,).
-
-    The per-bag (N,) pooling attention stays at the root, where every reader looks for it. A bag named
-    `branch_attention` would collide with the group: then no branch attention is saved.
-    """
-    if BRANCH_GROUP in bag_ids:
-        return
-    group = f.create_group(BRANCH_GROUP)
-    group.attrs["names"] = list(names)
-    for bag_id, att in zip(bag_ids, branches):
-        group.create_dataset(bag_id, data=att.astype(np.float32))
-
-
-def _write_attention(path: Path, data: MILDataset, attention: list[np.ndarray], fold: Fold,
-                     branches: list[np.ndarray] | None = None, names: list[str] | None = None) -> None:
-    """attention.h5: attrs fold, seed, fold_name; one (N,) dataset per test bag; with `branches` (K, N)
-    per bag (multi-branch models) also the `branch_attention` group (see `write_branch_attention`)."""
-    def write(tmp):
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({"fold": fold.fold, "seed": fold.seed, "fold_name": fold.name})
-            for bag_id, att in zip(data.bag_ids, attention):
-                f.create_dataset(bag_id, data=att.astype(np.float32))
-            if branches is not None:
-                write_branch_attention(f, data.bag_ids, branches, names)
-
-    atomic_write(path, write)
 
 
 class FoldTrainer:
@@ -185,9 +96,9 @@ class FoldTrainer:
                              **self.config.model.overrides)
         return model.to(self.ctx.device)
 
-    def run(self, fold: Fold, parts: FoldParts, fold_dir: Path, progress: bool = True) -> dict:
+    def run(self, fold: Fold, parts: FoldParts, fold_dir: FoldDir, progress: bool = True) -> dict:
         cfg, ctx = self.config, self.ctx
-        fold_dir.mkdir(parents=True, exist_ok=True)
+        fold_dir.path.mkdir(parents=True, exist_ok=True)
         started = time.time()
         model = self._model(seed=fold.seed * 1000 + fold.fold)
         wrapped = model
@@ -209,9 +120,8 @@ class FoldTrainer:
         weight = class_weights(train.labels, len(self.classes)).to(ctx.device) if cfg.optim.class_weights else None
 
         info = {"epoch": -1, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
-        state_path = fold_dir / "state.safetensors"
-        if state_path.exists():
-            info = load_state(state_path, model, optimizer, scheduler, scaler, ctx.rank)
+        if fold_dir.state.exists():
+            info = load_state(fold_dir.state, model, optimizer, scheduler, scaler, ctx.rank)
         writer = self._tensorboard(fold_dir, info["epoch"] + 1)
 
         # A fold that stopped early and was interrupted while testing must not train on.
@@ -225,8 +135,8 @@ class FoldTrainer:
             train_loss = self._train_epoch(wrapped, model, loader, optimizer, scheduler, scaler, weight)
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
             if parts.val is not None and len(parts.val):
-                probs = predict(model, parts.val, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
-                                num_workers=cfg.data.num_workers)[0]
+                probs = infer(model, parts.val, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
+                              num_workers=cfg.data.num_workers).probs
                 val = classification_metrics(parts.val.labels, probs, ordinal=cfg.eval.ordinal)
                 row.update({f"val_{k}": v for k, v in val.items()})
                 score = list(_score(val, cfg.eval.monitor))
@@ -236,7 +146,7 @@ class FoldTrainer:
             if improved:
                 info.update(best_score=score, best_epoch=epoch, bad_epochs=0)
                 if ctx.is_main:
-                    save_model(model, fold_dir / "best.safetensors", extra={**self.checkpoint_extra, "fold": fold.name,
+                    save_model(model, fold_dir.best, extra={**self.checkpoint_extra, "fold": fold.name,
                                                                            "epoch": epoch})
             else:
                 info["bad_epochs"] += 1
@@ -248,8 +158,8 @@ class FoldTrainer:
             info["stopped_early"] = stop
             rng = all_gather(torch.get_rng_state(), ctx)
             if ctx.is_main:
-                _write_csv(fold_dir / "epochs.csv", pd.DataFrame(info["history"]))
-                save_state(state_path, model, optimizer, scheduler, scaler, rng, info)
+                write_csv(fold_dir.epochs, pd.DataFrame(info["history"]))
+                save_state(fold_dir.state, model, optimizer, scheduler, scaler, rng, info)
                 if writer is not None:
                     for key, value in row.items():
                         if isinstance(value, (int, float)) and key != "epoch":
@@ -277,7 +187,7 @@ class FoldTrainer:
             batch = batch.to(ctx.device, non_blocking=True)
             sync = wrapped.no_sync() if ctx.enabled and not last_in_group else contextlib.nullcontext()
             with sync:
-                with _autocast(ctx.device, self.dtype):
+                with autocast(ctx.device, self.dtype):
                     out = wrapped(batch.x, batch.mask, labels=batch.labels)
                 ce = F.cross_entropy(out.logits.float(), batch.labels, weight=weight, reduction="none",
                                      label_smoothing=cfg.optim.label_smoothing)
@@ -303,23 +213,22 @@ class FoldTrainer:
         sums = all_gather((total, count), ctx)
         return sum(t for t, _ in sums) / max(1, sum(c for _, c in sums))
 
-    def _tensorboard(self, fold_dir: Path, start_epoch: int):
+    def _tensorboard(self, fold_dir: FoldDir, start_epoch: int):
         if not (self.config.runtime.tensorboard and self.ctx.is_main):
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return None
-        return SummaryWriter(str(fold_dir / "tensorboard"), purge_step=start_epoch)
+        return SummaryWriter(str(fold_dir.tensorboard), purge_step=start_epoch)
 
-    def _test(self, fold: Fold, parts: FoldParts, fold_dir: Path, info: dict, seconds: float) -> dict:
+    def _test(self, fold: Fold, parts: FoldParts, fold_dir: FoldDir, info: dict, seconds: float) -> dict:
         cfg, ctx = self.config, self.ctx
         barrier(ctx)
-        model = load_model(fold_dir / "best.safetensors", device=str(ctx.device))
-        probs, attention, branches = predict(model, parts.test, ctx, batch_size=cfg.optim.batch_size,
-                                             dtype=self.dtype, attention=cfg.eval.save_attention,
-                                             num_workers=cfg.data.num_workers)
-        y = parts.test.labels
+        model = load_model(fold_dir.best, device=str(ctx.device))
+        result = infer(model, parts.test, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
+                       attention=cfg.eval.save_attention, num_workers=cfg.data.num_workers, classes=self.classes)
+        probs, y = result.probs, parts.test.labels
         test = classification_metrics(y, probs, ordinal=cfg.eval.ordinal)
         best_row = info["history"][info["best_epoch"]]  # history holds every epoch from 0, across resumes
         metrics = {
@@ -339,11 +248,10 @@ class FoldTrainer:
                 "pred": [self.classes[i] for i in probs.argmax(1)],
                 **{f"prob_{c}": probs[:, i] for i, c in enumerate(self.classes)},
             })
-            _write_csv(fold_dir / "predictions.csv", frame)
-            if attention is not None:
-                names = branch_names(model, self.classes, branches[0].shape[0]) if branches else None
-                _write_attention(fold_dir / "attention.h5", parts.test, attention, fold, branches, names)
-            atomic_write_text(fold_dir / "metrics.json", json.dumps(metrics, indent=1))
-            (fold_dir / "state.safetensors").unlink(missing_ok=True)
+            if result.attention is not None:
+                write_attention(fold_dir.attention, parts.test.bag_ids, result.attention, branches=result.branches,
+                                branch_names=result.branch_names,
+                                attrs={"fold": fold.fold, "seed": fold.seed, "fold_name": fold.name})
+            fold_dir.finish(frame, metrics)
         barrier(ctx)
         return metrics

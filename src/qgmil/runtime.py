@@ -1,7 +1,13 @@
-"""torch.distributed for `torchrun`: gloo on CPU, nccl on GPU. One process = a world of size 1."""
+"""The runtime every stage shares: the device, the autocast precision and torch.distributed.
+
+Under `torchrun` (WORLD_SIZE > 1) `init_distributed` joins the process group (gloo on CPU, nccl on GPU);
+one plain process is a world of size 1, for which every collective here is a no-op. Training, inference
+and feature extraction all run through it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -45,6 +51,13 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device` (from `autocast_dtype`); a no-op for None (full fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def init_distributed(device_name: str = "auto") -> Dist:

@@ -1,5 +1,7 @@
 """The run configuration: one validated YAML file (or plain flags), saved resolved into the run directory.
 
+Owns the schema of RUN_DIR/config.yaml (`RunConfig`) and how it is read and overridden (`load_config`).
+
 Unknown keys and wrong types are errors that name the key (`optim.lr: Input should be a valid number`).
 `--set a.b=value` overrides any field; values are parsed as YAML (`--set optim.lr=3e-4`,
 `--set model.overrides.dropout=0.1`, `--set eval.seeds=[0,1,2]`).
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..data.table import Columns
 
@@ -44,8 +46,28 @@ class DataConfig(_Section):
 
 
 class ModelSection(_Section):
-    name: str = "qgmil"
+    """The registered model and its config overrides, checked against the architecture when the config is
+    loaded, so a mistyped name or field fails before any data is read or any file is written."""
+
+    name: str = Field("qgmil", description="registered model name (`qgmil models`)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="config fields of the model, e.g. dropout")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from ..models import model_entry
+
+        model_entry(name)  # ValueError listing the registered models
+        return name
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_fit(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from ..models.registry import check_model
+
+        if "name" in info.data:  # else the name itself was wrong, and says so
+            check_model(info.data["name"], overrides)
+        return overrides
 
 
 class OptimConfig(_Section):
@@ -94,15 +116,33 @@ class RunConfig(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def absolute(self) -> RunConfig:
+        """Paths relative to the working directory made absolute, so the saved config works from anywhere."""
+        data = self.data
+        paths = {k: Path(v).resolve() for k in ("table", "features", "builtin_dir") if (v := getattr(data, k)) is not None}
+        update: dict[str, Any] = {"data": data.model_copy(update=paths)}
+        if self.eval.splits is not None:
+            update["eval"] = self.eval.model_copy(update={"splits": self.eval.splits.resolve()})
+        return self.model_copy(update=update)
+
 
 class ConfigError(ValueError):
     """A config that does not validate; the message lists each bad key."""
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
+    from ..models.registry import ModelConfigError
+
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, ModelConfigError):  # one line per model field: model.overrides.<field>
+            lines += [f"  {key}.{field}: {msg}" for field, msg in cause.problems]
+            continue
+        if e["type"] == "value_error":  # our own validators' messages say what they got
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
+            continue
         shown = e["type"] != "missing" and not isinstance(e["input"], dict)
         lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if shown else ""))
     return f"{source}: invalid config\n" + "\n".join(lines)

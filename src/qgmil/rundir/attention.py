@@ -1,0 +1,81 @@
+"""The attention file, `attention.h5`: what a model attended to in each bag. The one reader and writer.
+
+  attrs               facts about where it came from (a fold: fold, seed, fold_name; `qgmil predict`: models)
+  <bag_id>            (N,) float32, the pooling attention over the bag's real instances (sums to 1)
+  branch_attention/   multi-branch models only: <bag_id> (K, N) float32 per bag; attrs["names"] (K,)
+                      the branch names (class names where branch k is class k's)
+
+A bag named `branch_attention` would collide with the group: then no branch attention is written.
+Written atomically (temporary file, then rename), so a file that exists is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_write
+
+BRANCH_GROUP = "branch_attention"
+
+
+def write_attention(path: str | Path, bag_ids: Sequence[str], attention: Sequence[np.ndarray], *,
+                    branches: Sequence[np.ndarray] | None = None, branch_names: Sequence[str] | None = None,
+                    attrs: dict | None = None) -> Path:
+    """Write OUT attention.h5: attention[i] (N_i,) of bag_ids[i]; branches[i] (K, N_i) with K branch_names."""
+    import h5py
+
+    if branches is not None and branch_names is None:
+        raise ValueError("branch attention needs its branch names")
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs or {})
+            for bag_id, a in zip(bag_ids, attention):
+                f.create_dataset(bag_id, data=np.asarray(a, dtype=np.float32))
+            if branches is not None and BRANCH_GROUP not in bag_ids:
+                group = f.create_group(BRANCH_GROUP)
+                group.attrs["names"] = [str(n) for n in branch_names]
+                for bag_id, b in zip(bag_ids, branches):
+                    group.create_dataset(bag_id, data=np.asarray(b, dtype=np.float32))
+
+    return atomic_write(path, write)
+
+
+@dataclass
+class AttentionFile:
+    """The contents of one attention.h5 (the branch part only when read with `branches=True`)."""
+
+    path: Path
+    attrs: dict
+    pooled: dict[str, np.ndarray]  # bag_id -> (N,)
+    branches: dict[str, np.ndarray] = field(default_factory=dict)  # bag_id -> (K, N)
+    branch_names: list[str] | None = None  # None: the file has no branch attention
+
+    @property
+    def has_branches(self) -> bool:
+        return self.branch_names is not None
+
+
+def read_attention(path: str | Path, *, bags: Iterable[str] | None = None, branches: bool = False) -> AttentionFile:
+    """Read an attention.h5: every bag's pooling attention (or only `bags`'), and with `branches` their
+    branch attention; the branch names are read whenever the file has the group."""
+    import h5py
+
+    path = Path(path)
+    wanted = None if bags is None else set(bags)
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        pooled = {name: item[()] for name, item in f.items()
+                  if isinstance(item, h5py.Dataset) and (wanted is None or name in wanted)}
+        out = AttentionFile(path, attrs, pooled)
+        group = f.get(BRANCH_GROUP)
+        if isinstance(group, h5py.Group):
+            out.branch_names = [str(n) for n in group.attrs.get("names", [])]
+            if branches:
+                out.branches = {name: item[()] for name, item in group.items()
+                                if wanted is None or name in wanted}
+    return out

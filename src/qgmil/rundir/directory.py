@@ -1,0 +1,218 @@
+"""The run directory: every path of a training run, and the reading and writing of its files.
+
+RUN_DIR/
+  config.yaml          the resolved configuration (paths absolute): rerun or resume from it
+  run.json             command line, versions, classes, feature provenance, start/resume times
+  splits.json          the folds (reused on resume and by later runs)
+  folds/<seed>-<fold>/ best.safetensors, epochs.csv, predictions.csv, attention.h5, metrics.json
+                       (state.safetensors while the fold is unfinished; metrics.json, written last, marks
+                       it finished)
+  predictions.csv      all test predictions; summary.json / .md / .csv; reliability.png (summary.json,
+                       written by the report at the end, marks the run finished)
+
+Training writes through `RunDir` and `FoldDir`; evaluation, prediction, explanation and the benchmark
+read through them, so the layout is written down once, here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write, atomic_write_text
+from .config import ConfigError, RunConfig, load_config
+
+
+class RunDirError(ValueError):
+    """A directory that is not (or not yet) what the caller needs; the message names it."""
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
+
+
+def write_csv(path: Path, frame) -> None:
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def read_csv(path: Path):
+    """A predictions table with its id and label columns kept as text."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={"bag_id": str, "patient_id": str, "label": str})
+
+
+@dataclass(frozen=True)
+class FoldDir:
+    """One (seed, fold) of a run: RUN_DIR/folds/<name>/."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    best = property(lambda self: self.path / "best.safetensors")
+    state = property(lambda self: self.path / "state.safetensors")
+    epochs = property(lambda self: self.path / "epochs.csv")
+    predictions = property(lambda self: self.path / "predictions.csv")
+    attention = property(lambda self: self.path / "attention.h5")
+    metrics = property(lambda self: self.path / "metrics.json")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics.exists()
+
+    def read_metrics(self) -> dict:
+        return json.loads(self.metrics.read_text())
+
+    def read_predictions(self):
+        return read_csv(self.predictions)
+
+    def finish(self, predictions, metrics: dict) -> None:
+        """Write the test predictions, then metrics.json (which marks the fold finished), and drop the
+        training state."""
+        write_csv(self.predictions, predictions)
+        write_json(self.metrics, metrics)
+        self.state.unlink(missing_ok=True)
+
+
+class RunDir:
+    """A training run's directory (see the module docstring). Cheap to make: nothing is read until asked."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    config = property(lambda self: self.root / "config.yaml")
+    run_json = property(lambda self: self.root / "run.json")
+    splits = property(lambda self: self.root / "splits.json")
+    folds_dir = property(lambda self: self.root / "folds")
+    predictions = property(lambda self: self.root / "predictions.csv")
+    summary_json = property(lambda self: self.root / "summary.json")
+    summary_md = property(lambda self: self.root / "summary.md")
+    summary_csv = property(lambda self: self.root / "summary.csv")
+    reliability = property(lambda self: self.root / "reliability.png")
+
+    def fold(self, name: str) -> FoldDir:
+        return FoldDir(self.folds_dir / name)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    @property
+    def holds_run(self) -> bool:
+        """A run was started here (its config.yaml is written once the config and data passed their checks)."""
+        return self.config.exists()
+
+    @property
+    def finished(self) -> bool:
+        """The run's report was written (summary.json)."""
+        return self.summary_json.exists()
+
+    def finished_folds(self) -> list[FoldDir]:
+        """Folds with a metrics.json, in name order."""
+        return [FoldDir(p.parent) for p in sorted(self.folds_dir.glob("*/metrics.json"))]
+
+    def require_run(self) -> None:
+        if not self.run_json.is_file() or not self.config.is_file():
+            raise RunDirError(f"{self.root}: not a qgmil run directory (no run.json / config.yaml)")
+
+    # --- config and facts ----------------------------------------------------------------------
+
+    def read_config(self) -> RunConfig:
+        return load_config(self.config)
+
+    def write_config(self, config: RunConfig) -> None:
+        atomic_write_text(self.config, config.to_yaml())
+
+    def read_facts(self) -> dict:
+        """run.json: command, versions, classes, in_dim, provenance, bag_unit, n_bags, resumes."""
+        if not self.run_json.exists():
+            raise RunDirError(f"{self.root}: not a qgmil run directory (no run.json)")
+        return json.loads(self.run_json.read_text())
+
+    def write_facts(self, facts: dict) -> None:
+        write_json(self.run_json, facts)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.read_facts()["classes"]
+
+    def resolve_config(self, config: RunConfig | None, resume: bool) -> RunConfig:
+        """The config to run: a new one (paths made absolute), or on resume the one saved here, whose
+        runtime section the given config may change (device, threads, progress)."""
+        if resume:
+            if not self.holds_run:
+                raise ConfigError(f"{self.root}: nothing to resume (no config.yaml); start the run without --resume")
+            stored = self.read_config()
+            if config is not None and config.absolute().model_dump(exclude={"runtime"}) != stored.model_dump(exclude={"runtime"}):
+                raise ConfigError(f"{self.root}: the given config differs from the run's config.yaml; "
+                                  "resume with `--resume --out RUN_DIR` alone, or start a new run")
+            return stored if config is None else stored.model_copy(update={"runtime": config.runtime})
+        if self.holds_run:
+            raise ConfigError(f"{self.root} already holds a run; pass --resume to continue it, or choose another --out")
+        if config is None:
+            raise ConfigError("no config: give a CONFIG.yaml or --table/--features (or --dataset)")
+        return config.absolute()
+
+    def dataset_source(self, config: RunConfig | None = None) -> tuple[str, Path, Path | None]:
+        """(dataset name, table, features folder) the run trained on; a built-in dataset by its name."""
+        data = (config or self.read_config()).data
+        if data.builtin is not None:
+            root = Path(data.builtin_dir) if data.builtin_dir else self.root / "data" / data.builtin
+            return data.builtin, root / "labels.csv", root / "features"
+        return Path(data.table).parent.name, Path(data.table), Path(data.features) if data.features else None
+
+    # --- results -------------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[Path]:
+        """The best model of each finished fold."""
+        found = [f.best for f in self.finished_folds() if f.best.exists()]
+        if not found:
+            raise RunDirError(f"{self.root}: no finished fold with a best.safetensors (is this a qgmil run directory?)")
+        return found
+
+    def collect_predictions(self):
+        """Test predictions of every finished fold, ordered by seed and fold."""
+        import pandas as pd
+
+        frames = [f.read_predictions() for f in self.finished_folds()]
+        if not frames:
+            raise RunDirError(f"{self.root}: no finished fold yet (no folds/*/metrics.json)")
+        return pd.concat(frames, ignore_index=True).sort_values(["seed", "fold"], kind="stable").reset_index(drop=True)
+
+    def read_predictions(self):
+        """RUN_DIR/predictions.csv, the run's test predictions (written by the report)."""
+        if not self.predictions.is_file():
+            raise RunDirError(f"{self.root}: no predictions.csv (the run has not finished)")
+        return read_csv(self.predictions)
+
+    def read_summary(self) -> dict:
+        """metric -> {mean, std, ci_low, ci_high, n}."""
+        if not self.finished:
+            raise RunDirError(f"{self.root}: no summary.json (the run has not finished)")
+        return json.loads(self.summary_json.read_text())
+
+    def fold_scores(self, metric: str = "macro_f1") -> dict[tuple[int, int], float]:
+        """(seed, fold) -> the test `metric` of each finished fold."""
+        scores = {}
+        for fold in self.finished_folds():
+            record = fold.read_metrics()
+            try:
+                scores[(int(record["seed"]), int(record["fold"]))] = float(record["test"][metric])
+            except (KeyError, TypeError, ValueError):
+                raise RunDirError(f"{fold.metrics}: no seed, fold and test.{metric}") from None
+        return scores
+
+    def training_seconds(self) -> float:
+        """Training time summed over the finished folds."""
+        return sum(f.read_metrics().get("seconds", 0.0) for f in self.finished_folds())
+
+    def attention_files(self) -> list[Path]:
+        """folds/*/attention.h5 of the run, in fold-name order."""
+        return sorted(self.folds_dir.glob("*/attention.h5")) if self.folds_dir.is_dir() else []
