@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..evaluate.plots import _new_figure, _save_atomic
+from ..plotting import new_figure, save_figure
 from .tables import metric_grid
 
 
@@ -33,7 +33,7 @@ def results_bars(results: pd.DataFrame, models: list[str], datasets: list[str], 
     """Grouped bars: per dataset one bar per model, macro-F1 mean with a std error bar."""
     grid = metric_grid(results, models, datasets, "macro_f1")
     n_models, n_datasets = len(grid.models), len(grid.datasets)
-    fig = _new_figure(figsize=(max(5.0, 1.5 + 0.3 * n_models * n_datasets), 4.5))
+    fig = new_figure(figsize=(max(5.0, 1.5 + 0.3 * n_models * n_datasets), 4.5))
     ax = fig.subplots()
     x = np.arange(n_datasets)
     width = 0.8 / n_models
@@ -47,7 +47,7 @@ def results_bars(results: pd.DataFrame, models: list[str], datasets: list[str], 
     ax.set_ylim(0.0, 1.05)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncol=max(1, n_models // 6), loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def rank_plot(ranks: pd.DataFrame, path: str | Path) -> Path:
@@ -55,7 +55,7 @@ def rank_plot(ranks: pd.DataFrame, path: str | Path) -> Path:
     if ranks.empty:
         raise ValueError("no model finished on every dataset: nothing to rank")
     datasets = [c for c in ranks.columns if c != "mean"]
-    fig = _new_figure(figsize=(6.0, max(2.5, 0.8 + 0.35 * len(ranks))))
+    fig = new_figure(figsize=(6.0, max(2.5, 0.8 + 0.35 * len(ranks))))
     ax = fig.subplots()
     y = np.arange(len(ranks))
     ax.barh(y, ranks["mean"].to_numpy(), color="tab:blue", alpha=0.6, label="average rank")
@@ -69,4 +69,4 @@ def rank_plot(ranks: pd.DataFrame, path: str | Path) -> Path:
     ax.set_xlabel(f"rank by macro-F1 (1 = best), average over {len(datasets)} dataset(s)")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)

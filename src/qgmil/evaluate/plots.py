@@ -12,27 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..plotting import new_figure, save_figure
 from .metrics import calibration_bins
-
-
-def _new_figure(**kwargs):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install 'qgmil[plots]'") from e
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_atomic(fig, path) -> Path:
-    """Write the figure to a temporary file beside `path`, then rename it over `path` (no half-written files)."""
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
-    return path
 
 
 def reliability_diagram(y, probs, path, *, n_bins: int = 15, title: str | None = None) -> Path:
@@ -45,7 +26,7 @@ def reliability_diagram(y, probs, path, *, n_bins: int = 15, title: str | None =
     filled = count > 0
     ece = float(np.sum(count[filled] * np.abs(acc[filled] - conf[filled])) / count.sum())
 
-    fig = _new_figure(figsize=(5.0, 6.0))
+    fig = new_figure(figsize=(5.0, 6.0))
     ax, ax_hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = np.diff(edges)
     ax.bar(edges[:-1][filled], acc[filled], width=width[filled], align="edge", color="tab:blue",
@@ -62,7 +43,7 @@ def reliability_diagram(y, probs, path, *, n_bins: int = 15, title: str | None =
     ax_hist.bar(edges[:-1], count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
     ax_hist.set_xlabel("top-label confidence")
     ax_hist.set_ylabel("bags")
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def metric_bars(summary_by_model: dict[str, dict], path, metrics: Sequence[str] = ("macro_f1", "auroc")) -> Path:
@@ -78,7 +59,7 @@ def metric_bars(summary_by_model: dict[str, dict], path, metrics: Sequence[str] 
         if missing:
             raise KeyError(f"model {model!r} has no summary for {missing}")
 
-    fig = _new_figure(figsize=(max(4.0, 1.2 + 0.6 * len(models) * len(metrics)), 4.0))
+    fig = new_figure(figsize=(max(4.0, 1.2 + 0.6 * len(models) * len(metrics)), 4.0))
     ax = fig.subplots()
     x = np.arange(len(metrics))
     width = 0.8 / len(models)
@@ -92,4 +73,4 @@ def metric_bars(summary_by_model: dict[str, dict], path, metrics: Sequence[str] 
     ax.set_ylabel("mean ± std over folds")
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)

@@ -126,7 +126,7 @@ def render_gallery(rows: Sequence[GalleryRow], path, *, title: str | None = None
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("galleries need matplotlib: pip install 'qgmil[plots]'") from e
-    from .heatmap import _save_exact
+    from ..plotting import save_exact
 
     rows = [r for r in rows if r.images]
     if not rows:
@@ -156,7 +156,7 @@ def render_gallery(rows: Sequence[GalleryRow], path, *, title: str | None = None
             canvas[y:y + tile_px, x:x + tile_px] = fit_tile(image, tile_px)
             text(x + tile_px / 2, y + tile_px + CAPTION_H / 2 + 1, caption, ha="center", va="center", fontsize=8)
     fig.figimage(canvas, 0, 0, origin="upper", zorder=0)
-    return _save_exact(fig, Path(path), DPI)
+    return save_exact(fig, path, DPI)
 
 
 # --- cell bags ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..plotting import save_exact
 from ..extract.slide import PLAIN_SUFFIXES, WSI_SUFFIXES, SlideError, open_slide
 
 NORMALISE = ("rank", "minmax", "none")
@@ -177,14 +177,8 @@ def render_panels(heats: Sequence[np.ndarray], path, *, background: np.ndarray |
         cax = fig.add_axes(((fig_w - right + 15) / fig_w, 0.1 * h_px / fig_h, 18 / fig_w, 0.8 * h_px / fig_h))
         bar = fig.colorbar(image, cax=cax)
         bar.solids.set_alpha(1.0)
-    # not _save_atomic: its bbox_inches="tight" would change the size; save the figure as laid out
-    return _save_exact(fig, Path(path), dpi)
-
-
-def _save_exact(fig, path: Path, dpi: int) -> Path:
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, facecolor="white"))
-    return path
+    # not save_figure: its bbox_inches="tight" would change the size; save the figure as laid out
+    return save_exact(fig, path, dpi)
 
 
 def render_overlay(heat: np.ndarray, path, *, background: np.ndarray | None = None, cmap: str = "jet",

@@ -8,26 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..plotting import new_figure, save_figure
 from .mass import MAIN_METRICS
-
-
-def _figure(**kwargs):
-    from ..evaluate.plots import _new_figure  # imports matplotlib lazily (ImportError names the extra)
-
-    return _new_figure(**kwargs)
-
-
-def _save(fig, path) -> Path:
-    from ..evaluate.plots import _save_atomic
-
-    return _save_atomic(fig, path)
 
 
 def lorenz_plot(curves: dict[str, np.ndarray], grid: np.ndarray, path) -> Path:
     """curves: run label -> (bags, len(grid)) cumulative attention of the instances sorted by decreasing
     weight at instance fractions `grid`. Draws the median over bags (line) and the IQR (band) per run,
     and the diagonal of uniform attention."""
-    fig = _figure(figsize=(5.5, 5.0))
+    fig = new_figure(figsize=(5.5, 5.0))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="uniform")
     for label, c in curves.items():
@@ -40,14 +29,14 @@ def lorenz_plot(curves: dict[str, np.ndarray], grid: np.ndarray, path) -> Path:
            ylabel="cumulative attention", title="Attention Lorenz curves (median, IQR)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def mass_boxplots(frame: pd.DataFrame, labels: pd.Series, path, metrics: dict[str, str] | None = None) -> Path:
     """One panel per metric (default: the main ones), one box per run (`labels`: a run label per row)."""
     metrics = metrics or MAIN_METRICS
     runs = list(dict.fromkeys(labels))
-    fig = _figure(figsize=(max(3.0 * len(metrics), 6.0), 4.0 + 0.15 * max(len(r) for r in runs)))
+    fig = new_figure(figsize=(max(3.0 * len(metrics), 6.0), 4.0 + 0.15 * max(len(r) for r in runs)))
     axes = np.atleast_1d(fig.subplots(1, len(metrics)))
     for ax, (col, name) in zip(axes, metrics.items()):
         data = [frame.loc[(labels == r).to_numpy(), col].dropna().to_numpy(float) for r in runs]
@@ -56,4 +45,4 @@ def mass_boxplots(frame: pd.DataFrame, labels: pd.Series, path, metrics: dict[st
         ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Attention concentration per bag")
-    return _save(fig, path)
+    return save_figure(fig, path)
