@@ -26,10 +26,10 @@ _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 
 def is_qgmil(model_name: str) -> bool:
-    """QG-MIL variants are the models tagged `qgmil` in the registry; everything else is a baseline."""
-    from ..models import model_entry
+    """QG-MIL variants are the models tagged as such in the registry; everything else is a baseline."""
+    from ..models import is_qgmil as tagged
 
-    return "qgmil" in model_entry(model_name).tags
+    return tagged(model_name)
 
 
 def collect_results(cells: list[Cell]) -> pd.DataFrame:

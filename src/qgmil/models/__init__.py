@@ -5,16 +5,19 @@ import pkgutil
 
 from .base import MILModel, MILOutput, ModelConfig
 from .qgmil import ABLATION_SET, QGMIL, QGMILConfig
-from .registry import create_model, list_models, model_entry, register_model
+from .registry import TAGS, check_model, create_model, is_qgmil, list_models, model_entry, register_model
 
 __all__ = [
     "ABLATION_SET",
+    "TAGS",
     "MILModel",
     "MILOutput",
     "ModelConfig",
     "QGMIL",
     "QGMILConfig",
+    "check_model",
     "create_model",
+    "is_qgmil",
     "list_models",
     "model_entry",
     "register_model",

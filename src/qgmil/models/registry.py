@@ -88,6 +88,11 @@ def model_entry(name: str) -> ModelEntry:
     return _MODELS[name]
 
 
+def is_qgmil(name: str) -> bool:
+    """Is the registered model `name` a QG-MIL variant (tag `qgmil`)? Everything else is a baseline."""
+    return "qgmil" in model_entry(name).tags
+
+
 class ModelConfigError(ValueError):
     """Config overrides that do not fit a model; `problems` lists (field, what is wrong)."""
 
