@@ -50,6 +50,38 @@ def test_config_errors_name_the_key(tmp_path):
         parse_set(["optim.lr"])
 
 
+def test_a_mistyped_model_fails_fast_and_leaves_nothing(digits, tmp_path):
+    """A wrong --model or override exits non-zero naming the key and the choices, before any data work, and
+    leaves no run directory; the corrected command then runs in the same --out."""
+    out = tmp_path / "run"
+    common = ["train", "--table", str(digits / "labels.csv"), "--features", str(digits / "features"), "--folds", "2",
+              "--epochs", "1", "--quiet", "--out", str(out), "--set", "runtime.tensorboard=false"]
+    result = CliRunner().invoke(main, [*common, "--model", "qgmil_lite"])
+    assert result.exit_code == 2
+    assert "model.name: unknown model 'qgmil_lite'" in result.output and "qgmil_light" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(main, [*common, "--model", "qgmil_light", "--set", "model.overrides.dropuot=0.1"])
+    assert result.exit_code == 2
+    assert "model.overrides.dropuot: not a field of qgmil_light (fields: " in result.output
+    assert "dropout" in result.output and not out.exists()
+    result = CliRunner().invoke(main, [*common, "--model", "qgmil_light", "--set", "model.overrides.dropout=0.1"])
+    assert result.exit_code == 0, result.output
+    assert (out / "summary.json").is_file()
+
+
+def test_a_fresh_run_that_fails_its_data_checks_leaves_no_directory(tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text("bag_id,label\na,x\nb,y\n")  # no feature files
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="a"):
+        train_run(load_config(None, [], dict(SMALL, **{"data.table": table, "data.features": tmp_path / "none"})), out)
+    assert not out.exists()
+    (out / "keep").mkdir(parents=True)  # a directory that existed before is left as it was
+    with pytest.raises(ValueError):
+        train_run(load_config(None, [], dict(SMALL, **{"data.table": table, "data.features": tmp_path / "none"})), out)
+    assert (out / "keep").is_dir()
+
+
 def test_run_directory_holds_everything(digits, tmp_path):
     out = tmp_path / "run"
     summary = train_run(small_config(digits), out, command=["test"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -127,5 +126,5 @@ def predict_bags(
                     branch_names=total.branch_names, attrs={"models": [str(p) for p in checkpoints]})
     if len(y) and (y >= 0).all():
         metrics = classification_metrics(y, probs)
-        write_json(out / "metrics.json", {"models": [str(p) for p in checkpoints], "n": int(len(y)), **metrics})
+        write_json(out / "metrics.json", {"models": [str(p) for p in checkpoints], "n": len(y), **metrics})
     return frame

@@ -23,6 +23,8 @@ from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_m
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
+DEFAULT_ENCODER = "dinobloom-s"  # `qgmil extract cells` without --encoder
+
 
 @dataclass
 class CellSample:
@@ -110,7 +112,7 @@ class CellDataset(torch.utils.data.Dataset):
 def extract_cells(
     root: str | Path | None,
     out: str | Path,
-    encoder: str = "dinobloom-s",
+    encoder: str = DEFAULT_ENCODER,
     *,
     table: str | Path | None = None,
     path_column: str = "path",

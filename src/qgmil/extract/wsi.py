@@ -25,6 +25,8 @@ SLIDE_SUFFIXES = tuple(dict.fromkeys(WSI_SUFFIXES + PLAIN_SUFFIXES))
 DEFAULT_MAGNIFICATION = 20.0
 MIN_MASK_SIZE = 512
 
+DEFAULT_ENCODER = "resnet50_trunc"  # `qgmil extract wsi` without --encoder
+
 
 @dataclass(frozen=True)
 class TilingSettings:
@@ -130,7 +132,7 @@ def prepare_slide(source: BagSource, settings: TilingSettings, out: Path) -> Pre
 def extract_slides(
     slides: Sequence[str | Path],
     out: str | Path,
-    encoder: str = "resnet50_trunc",
+    encoder: str = DEFAULT_ENCODER,
     *,
     weights: str = "pretrained",
     settings: TilingSettings | None = None,

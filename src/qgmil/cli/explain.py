@@ -1,0 +1,104 @@
+"""`qgmil explain mass|heatmap|cells`: what trained models attend to, from their run directories."""
+
+from __future__ import annotations
+
+import click
+
+@click.group()
+def explain():
+    """Analyse what trained models attend to, from their run directories."""
+
+
+@explain.command("mass")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the tables and figures.")
+def explain_mass(run_dirs, out):
+    """How concentrated is the test attention of each RUN_DIR (entropy, effective instances, top-k mass,
+    Gini; attention on positive instances where the bags have instance labels)?
+
+    Writes OUT/mass_per_bag.csv, mass_summary.csv, mass_summary.md, lorenz.png and mass_boxplots.png.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from ..atomic import atomic_write, atomic_write_text
+    from ..explain.mass import format_summary, load_run, summarize
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [load_run(d) for d in run_dirs]
+    names = [f"{r.model} / {r.dataset}" for r in runs]
+    names = [f"{n} ({r.run_dir.name})" if names.count(n) > 1 else n for n, r in zip(names, runs)]
+    frames = [r.metrics() for r in runs]
+    frame = pd.concat(frames, ignore_index=True)
+    summary = summarize(frame)
+    table = format_summary(summary)
+    atomic_write(out / "mass_per_bag.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write(out / "mass_summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    atomic_write_text(out / "mass_summary.md", table + "\n")
+    written = [out / "mass_per_bag.csv", out / "mass_summary.csv", out / "mass_summary.md"]
+    try:
+        from ..explain.mass_plots import lorenz_plot, mass_boxplots
+
+        grid = np.linspace(0.0, 1.0, 201)
+        written.append(lorenz_plot({n: r.lorenz(grid) for n, r in zip(names, runs)}, grid, out / "lorenz.png"))
+        labels = pd.Series(np.repeat(names, [len(f) for f in frames]))
+        written.append(mass_boxplots(frame, labels, out / "mass_boxplots.png"))
+    except ImportError as err:
+        click.echo(f"no figures: {err}", err=True)
+    click.echo(table)
+    click.echo("\nwrote " + ", ".join(str(p) for p in written))
+
+
+@explain.command("heatmap")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--bags", help="Comma-separated bag ids (default: the first 3 test bags of the first run).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@click.option("--slides", type=click.Path(file_okay=False),
+              help="Folder of slides named <bag_id>.<ext> (patient bags: each slide's id) for the background.")
+@click.option("--normalise", type=click.Choice(["rank", "minmax", "none"]), default="rank", show_default=True,
+              help="rank: percentile of each weight within its bag; minmax: (a - min) / (max - min); none: raw.")
+@click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap.")
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0), help="Heat opacity.")
+@click.option("--max-size", default=2048, show_default=True, type=click.IntRange(16), help="Long side of the heat (px).")
+@click.option("--branches", is_flag=True,
+              help="One panel per attention branch of a multi-branch run (`qgmil models --tag multi_branch`).")
+@click.option("--patches", default=0, type=click.IntRange(0), metavar="K",
+              help="Also write <bag_id>_patches.png: the K most and K least attended tiles (needs --slides).")
+@click.option("--tissue-only", is_flag=True, help="Paint no heat outside the tissue found on the slide (needs --slides).")
+def explain_heatmap(run_dirs, bags, out, slides, normalise, cmap, alpha, max_size, branches, patches, tissue_only):
+    """Attention heatmaps: each tile's test attention painted over its place on the slide.
+
+    Writes OUT/<bag_id>.png per bag; with several RUN_DIRs, one panel per run side by side. Without
+    --slides the heat is drawn on white. A patient bag of several slides gives OUT/<bag_id>__<slide_id>.png
+    per slide.
+    """
+    from ..explain.heatmap import run_heatmaps
+
+    written = run_heatmaps(run_dirs, out, bags=[b.strip() for b in bags.split(",") if b.strip()] if bags else None,
+                           slides=slides, normalise=normalise, cmap=cmap, alpha=alpha, max_size=max_size,
+                           branches=branches, patches=patches, tissue_only=tissue_only,
+                           echo=lambda m: click.echo(m, err=True), progress=True)
+    click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+@explain.command("cells")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@click.option("--bags", help="Comma-separated bag ids (default: the first 3 test bags of the first run).")
+@click.option("--top", default=8, show_default=True, type=click.IntRange(1), help="Cells per row (most / least attended).")
+@click.option("--images", type=click.Path(file_okay=False),
+              help="Where the cell images are now, if they moved since `qgmil extract cells` (default: its image_root).")
+def explain_cells(run_dirs, out, bags, top, images):
+    """Cell galleries: the --top most and least attended cells of each bag, with their test attention.
+
+    For cell bags written by `qgmil extract cells` (instance_names + image_root). Writes
+    OUT/<bag_id>_cells.png per bag; with several RUN_DIRs, a top row and a bottom row per run.
+    """
+    from ..explain.gallery import run_cell_galleries
+
+    written = run_cell_galleries(run_dirs, out, bags=[b.strip() for b in bags.split(",") if b.strip()] if bags else None,
+                                 top=top, images=images, progress=True)
+    click.echo("wrote " + ", ".join(str(p) for p in written))

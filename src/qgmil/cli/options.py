@@ -1,0 +1,49 @@
+"""Options several commands share, and the command line recorded in outputs."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+def column_options(fn):
+    """The table column options shared by every command that reads a dataset table."""
+    for name, default in reversed([("bag-id", "bag_id"), ("label", "label"), ("patient", "patient_id"),
+                                   ("split", "split"), ("fold", "fold"), ("path", "path")]):
+        fn = click.option(f"--{name}-col", default=default, show_default=True, help=f"Table column: {name}.")(fn)
+    return fn
+
+
+def columns(kw):
+    from ..data import Columns
+
+    names = {"bag_id_col": "bag_id", "label_col": "label", "patient_col": "patient_id", "split_col": "split",
+             "fold_col": "fold", "path_col": "path"}
+    return Columns(**{field: kw.pop(option) for option, field in names.items()})
+
+
+def command_line() -> list[str]:
+    """This invocation as `qgmil ...`, for run.json and extract.json."""
+    return ["qgmil", *sys.argv[1:]]
+
+
+#: flags of `qgmil train` and `qgmil benchmark` that each set one run-config key: flag -> (key, type, help)
+TRAINING_FLAGS = {
+    "epochs": ("optim.epochs", int, "Maximum epochs"),
+    "batch_size": ("optim.batch_size", int, "Bags per step"),
+    "lr": ("optim.lr", float, "Peak learning rate"),
+    "device": ("runtime.device", str, "auto, cpu, cuda, cuda:1"),
+}
+
+
+def training_options(fn):
+    """--epochs, --batch-size, --lr, --device (TRAINING_FLAGS)."""
+    for flag, (key, kind, text) in reversed(TRAINING_FLAGS.items()):
+        fn = click.option(f"--{flag.replace('_', '-')}", type=kind, help=f"{text} ({key}).")(fn)
+    return fn
+
+
+def training_keys(flags: dict) -> dict:
+    """The run-config keys of the TRAINING_FLAGS given on the command line (popped from `flags`)."""
+    values = {flag: flags.pop(flag, None) for flag in TRAINING_FLAGS}
+    return {TRAINING_FLAGS[flag][0]: v for flag, v in values.items() if v is not None}

@@ -1,0 +1,82 @@
+"""`qgmil train` (cross-validation runs), `qgmil evaluate` (a run's report) and `qgmil predict` (new bags)."""
+
+from __future__ import annotations
+
+import click
+
+from .options import column_options, columns, command_line, training_keys, training_options
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. optim.lr=3e-4.")
+@click.option("--table", type=click.Path(dir_okay=False), help="Dataset table (data.table).")
+@click.option("--features", type=click.Path(file_okay=False), help="Feature files folder (data.features).")
+@click.option("--dataset", "builtin", help="A built-in dataset instead of --table (data.builtin).")
+@click.option("--model", help="Registered model name (model.name).")
+@click.option("--folds", type=int, help="Cross-validation folds (eval.folds).")
+@click.option("--seeds", help="Comma-separated seeds, one k-fold each (eval.seeds).")
+@training_options
+@click.option("--bag-unit", type=click.Choice(["slide", "patient"]), help="One bag per slide or per patient.")
+@click.option("--max-instances", type=int, help="Random subset of larger bags while training.")
+@click.option("--workers", type=int, help="DataLoader workers (data.num_workers).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out: finished folds are skipped.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(config_file, sets, out, resume, quiet, **flags):
+    """Cross-validate a model: `qgmil train --table T --features F --model qgmil --out RUN`.
+
+    Everything else has defaults (see `qgmil train --help` and the README); a CONFIG.yaml and
+    --set KEY=VALUE override them. The run directory holds the resolved config, splits, versions,
+    per-fold checkpoints and metrics, test predictions and attention, and the summary.
+    """
+    from ..rundir.config import load_config, parse_set
+    from ..train.run import train_run
+
+    keys = {"table": "data.table", "features": "data.features", "builtin": "data.builtin", "model": "model.name",
+            "folds": "eval.folds", "bag_unit": "data.bag_unit", "max_instances": "data.max_instances",
+            "workers": "data.num_workers"}
+    base = training_keys(flags)
+    base.update({keys[k]: v for k, v in flags.items() if k in keys and v is not None})
+    if flags.get("seeds"):
+        base["eval.seeds"] = [int(s) for s in flags["seeds"].split(",")]
+    if quiet:
+        base["runtime.progress"] = False
+    config = None
+    if config_file or base.keys() - {"runtime.progress", "runtime.device"} or sets:
+        config = load_config(config_file, parse_set(list(sets)), base)
+    summary = train_run(config, out, resume=resume, command=command_line())
+    from ..evaluate.metrics import format_summary
+
+    click.echo(format_summary(summary))
+    click.echo(f"run directory: {out}  (summary.md, predictions.csv, folds/*/best.safetensors)")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def evaluate(run_dir):
+    """Recompute and print a run's tables from its saved test predictions."""
+    from pathlib import Path
+
+    from ..evaluate.report import write_report
+
+    write_report(run_dir)
+    click.echo((Path(run_dir) / "summary.md").read_text())
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--features", type=click.Path(file_okay=False), help="Feature folder when DATA is a table (default: next to it).")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--batch-size", default=1, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@column_options
+def predict(source, data, features, out, batch_size, device, **kw):
+    """Predict bags in DATA (a table, labels optional, or a folder of feature files) with SOURCE
+    (a run directory: its fold models are averaged; or one checkpoint)."""
+    from ..evaluate.predict import predict_bags
+
+    frame = predict_bags(source, data, out, features=features, columns=columns(kw), batch_size=batch_size,
+                         device=device)
+    click.echo(f"{len(frame)} bags predicted; wrote {out}/predictions.csv and {out}/attention.h5")
