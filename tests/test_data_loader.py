@@ -186,3 +186,35 @@ def test_batches_never_alias_the_fp32_cache(dataset_dir):
     for batch in make_loader(ds, batch_size=1, train=False):
         batch.x.mul_(0)  # a training loop may normalise inputs in place
     torch.testing.assert_close(ds[0].features, before)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 400), min_size=1, max_size=120), budget=st.integers(1, 2000),
+       most=st.one_of(st.none(), st.integers(1, 40)), shuffle=st.booleans(), seed=st.integers(0, 5))
+def test_instance_budget_batches(lengths, budget, most, shuffle, seed):
+    """Under `batch_instances` every bag comes once per epoch, a batch holds at most `batch_size` bags and its
+    padded size (bags x longest) stays within the budget unless it is one bag longer than the budget; the
+    epoch's step count is what `steps_per_epoch` predicted."""
+    from qgmil.data.sampler import BucketBatchSampler
+
+    lengths = np.array(lengths)
+    sampler = BucketBatchSampler(lengths, most, batch_instances=budget, shuffle=shuffle, seed=seed)
+    for epoch in range(2):
+        predicted = sampler.steps_per_epoch(range(epoch, epoch + 1))[0]
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == predicted == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            assert most is None or len(b) <= most
+            assert len(b) * lengths[b].max() <= budget or len(b) == 1
+
+
+def test_instance_budget_packs_small_bags_and_isolates_big_ones():
+    from qgmil.data.sampler import BucketBatchSampler, padding_fraction
+
+    lengths = np.r_[np.full(200, 10), [50_000]]
+    batches = list(BucketBatchSampler(lengths, None, batch_instances=1000, shuffle=False))
+    assert [len(b) for b in batches] == [100, 100, 1] and padding_fraction(batches, lengths) == 0.0
+    fixed = BucketBatchSampler(lengths, 16, seed=3)
+    assert list(fixed) == list(BucketBatchSampler(lengths, 16, batch_instances=None, seed=3))

@@ -152,8 +152,10 @@ class MILDataset(Dataset):
 
     @property
     def lengths(self) -> np.ndarray:
-        """Instances per item, from the file headers (the bucketing sampler batches similar lengths)."""
-        return np.array([self.lengths_of(i) for i in range(len(self))], dtype=np.int64)
+        """Instances per item as the dataset yields them (file headers, at most `max_instances`): what the
+        bucketing sampler batches by."""
+        lengths = np.array([self.lengths_of(i) for i in range(len(self))], dtype=np.int64)
+        return lengths if self.max_instances is None else np.minimum(lengths, self.max_instances)
 
     @property
     def in_dim(self) -> int:

@@ -11,8 +11,9 @@ from .sampler import BucketBatchSampler
 
 def make_loader(
     dataset: MILDataset,
-    batch_size: int = 1,
+    batch_size: int | None = 1,
     *,
+    batch_instances: int | None = None,
     train: bool = True,
     class_balanced: bool = False,
     num_workers: int = 0,
@@ -23,12 +24,16 @@ def make_loader(
 ) -> DataLoader:
     """DataLoader yielding `BagBatch`es, length-bucketed. train=False: every bag once, no shuffling.
 
+    A batch holds at most `batch_size` bags (None: no limit) and at most `batch_instances` padded instances
+    (None: no limit); a bag longer than the budget goes alone.
+
     Call `set_epoch(loader, epoch)` at the start of each epoch (new shuffle and instance subsets).
     Workers open their own HDF5 handles; they are restarted each epoch so they see the new epoch.
     """
     sampler = BucketBatchSampler(
         dataset.lengths,
         batch_size,
+        batch_instances=batch_instances,
         shuffle=train,
         class_balanced=class_balanced and train,
         labels=dataset.labels if class_balanced and train else None,

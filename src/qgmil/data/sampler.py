@@ -12,9 +12,11 @@ from torch.utils.data import Sampler
 class BucketBatchSampler(Sampler[list[int]]):
     """Yields lists of dataset indices.
 
-    Training (shuffle=True): each epoch shuffles the bags, cuts them into pools of
-    `batch_size * pool_batches`, sorts each pool by length, cuts batches, and shuffles the batch order;
-    randomness stays while padding shrinks. class_balanced=True draws len(lengths) bags with
+    A batch holds at most `batch_size` bags (None: no limit) and, with `batch_instances`, at most that
+    many padded instances (bags x longest bag, as fairseq's max-tokens), so many small bags share a
+    step while a bag longer than the budget goes alone. Training (shuffle=True): each epoch shuffles
+    the bags, cuts them into pools of about `pool_batches` batches, sorts each pool by length, cuts
+    batches, and shuffles the batch order; randomness stays while padding shrinks. class_balanced=True draws len(lengths) bags with
     replacement, each class equally likely (for imbalanced data). Evaluation (shuffle=False): all bags
     sorted by length, every bag exactly once.
     Under torch.distributed, `batch_size` is the global batch: rank r of `num_replicas` takes
@@ -28,8 +30,9 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __init__(
         self,
         lengths: Sequence[int],
-        batch_size: int,
+        batch_size: int | None,
         *,
+        batch_instances: int | None = None,
         shuffle: bool = True,
         class_balanced: bool = False,
         labels: Sequence[int] | None = None,
@@ -39,12 +42,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is None and batch_instances is None:
+            raise ValueError("give batch_size, batch_instances or both")
+        for name, value in (("batch_size", batch_size), ("batch_instances", batch_instances)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size = batch_size
+        self.batch_instances = batch_instances
         self.shuffle = shuffle
         self.class_balanced = class_balanced
         self.pool_batches = pool_batches
@@ -66,23 +73,41 @@ class BucketBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _cut(self, order: np.ndarray) -> list[list[int]]:
+        """Consecutive batches of `order` (sorted by length), each within both limits."""
+        if self.batch_instances is None:
+            return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        batches, start = [], 0
+        most = self.batch_size or len(order)
+        for i in range(1, len(order) + 1):
+            # sorted ascending, so the bag at i - 1 is the longest of order[start:i]
+            if i == len(order) or i - start >= most or (i + 1 - start) * self.lengths[order[i]] > self.batch_instances:
+                batches.append(order[start:i].tolist())
+                start = i
+        return batches
+
+    def _pool_size(self) -> int:
+        """Bags per sorting pool: `pool_batches` batches of the typical size."""
+        if self.batch_instances is None:
+            return self.batch_size * self.pool_batches
+        typical = max(1, self.batch_instances // max(1, int(np.median(self.lengths)) if len(self.lengths) else 1))
+        return min(self.batch_size or typical, typical) * self.pool_batches
+
     def _all_batches(self) -> list[list[int]]:
         n = len(self.lengths)
         rng = np.random.default_rng([self.seed, self.epoch])
         if not self.shuffle:
-            order = np.argsort(self.lengths, kind="stable")
-            return [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+            return self._cut(np.argsort(self.lengths, kind="stable"))
         if self.class_balanced:
             order = rng.choice(n, size=n, replace=True, p=self.weights)
         else:
             order = rng.permutation(n)
-        pool = self.batch_size * self.pool_batches
+        pool = self._pool_size()
         batches = []
         for start in range(0, n, pool):
             chunk = order[start : start + pool]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches += self._cut(chunk[np.argsort(self.lengths[chunk], kind="stable")])
+        if self.drop_last and batches and self.batch_instances is None and len(batches[-1]) < self.batch_size:
             batches.pop()
         rng.shuffle(batches)
         return batches
@@ -103,10 +128,24 @@ class BucketBatchSampler(Sampler[list[int]]):
         return iter([indices for indices, _, _ in self._shares()])
 
     def __len__(self) -> int:
+        if self.batch_instances is not None:  # depends on the epoch's shuffle
+            return len(self._all_batches())
         n_batches = math.ceil(len(self.lengths) / self.batch_size)
         if self.shuffle and self.drop_last and len(self.lengths) % self.batch_size:
             n_batches -= 1
         return n_batches
+
+    def steps_per_epoch(self, epochs: range) -> list[int]:
+        """Batches in each of `epochs` (they vary with the shuffle under an instance budget)."""
+        current = self.epoch
+        try:
+            counts = []
+            for epoch in epochs:
+                self.set_epoch(epoch)
+                counts.append(len(self))
+            return counts
+        finally:
+            self.set_epoch(current)
 
 
 def padding_fraction(batches: list[list[int]], lengths: Sequence[int]) -> float:

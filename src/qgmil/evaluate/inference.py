@@ -27,18 +27,20 @@ class Inference:
     branch_names: list[str] | None = None
 
 
-def infer(model: MILModel, data: MILDataset, ctx: Dist | None = None, *, batch_size: int = 1,
-          dtype: torch.dtype | None = None, attention: bool = False, num_workers: int = 0,
+def infer(model: MILModel, data: MILDataset, ctx: Dist | None = None, *, batch_size: int | None = 1,
+          batch_instances: int | None = None, dtype: torch.dtype | None = None, attention: bool = False, num_workers: int = 0,
           classes: list[str] | None = None, progress: bool = False, desc: str | None = None) -> Inference:
     """Score every bag of `data` with `model` (eval mode, no gradient, autocast to `dtype` if given).
 
+    Batches: at most `batch_size` bags and `batch_instances` padded instances (see `make_loader`).
     Under torchrun every rank scores its share of each batch and the results are gathered on all ranks.
     `classes` name the branches of models whose branch k is class k's.
     """
     from tqdm.auto import tqdm
 
     ctx = ctx or Dist(device=next(model.parameters()).device)
-    loader = make_loader(data, batch_size, train=False, num_replicas=ctx.world, rank=ctx.rank, num_workers=num_workers)
+    loader = make_loader(data, batch_size, batch_instances=batch_instances, train=False, num_replicas=ctx.world,
+                         rank=ctx.rank, num_workers=num_workers)
     plan = loader.batch_sampler.step_plan()
     results: dict[int, tuple] = {}
     model.eval()

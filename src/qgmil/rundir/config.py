@@ -72,7 +72,10 @@ class ModelSection(_Section):
 
 class OptimConfig(_Section):
     epochs: int = Field(50, ge=1)
-    batch_size: int = Field(1, ge=1, description="bags per optimizer micro-step (global under torchrun)")
+    batch_size: int | None = Field(1, ge=1, description="at most this many bags per optimizer micro-step (global "
+                                   "under torchrun); null: as many as batch_instances allows")
+    batch_instances: int | None = Field(None, ge=1, description="at most this many padded instances per micro-step "
+                                        "(bags x longest bag); a longer bag goes alone; null: no budget")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: float = Field(1e-4, gt=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine schedule ends at lr * min_lr_ratio")
@@ -83,6 +86,12 @@ class OptimConfig(_Section):
     class_weights: bool = Field(True, description="cross-entropy weights n / (C n_c) from the training part")
     class_balanced_sampling: bool = False
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _some_batch_limit(self):
+        if self.batch_size is None and self.batch_instances is None:
+            raise ValueError("give optim.batch_size, optim.batch_instances or both")
+        return self
 
 
 class EvalConfig(_Section):

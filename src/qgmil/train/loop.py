@@ -52,6 +52,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """AdamW on its fastest implementation for the parameters' device: fused (one kernel for all tensors; CPU
+    and CUDA) where torch has it, else foreach (one op per step over all tensors). The default single-tensor
+    path updates each tensor in its own ops: on a CPU it was 41% of a small-bag training step."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     """LR factor per optimizer step: linear warmup to 1, then cosine down to `min_ratio`."""
 
@@ -106,15 +116,16 @@ class FoldTrainer:
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 find_unused_parameters=model.has_unused_parameters)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=cfg.optim.betas)
+        optimizer = adamw(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
         train = parts.train
-        loader = make_loader(train, cfg.optim.batch_size, train=True, seed=fold.seed * 1000 + fold.fold,
-                             class_balanced=cfg.optim.class_balanced_sampling, num_workers=cfg.data.num_workers,
-                             num_replicas=ctx.world, rank=ctx.rank, pin_memory=ctx.device.type == "cuda")
-        steps_per_epoch = math.ceil(len(loader) / cfg.optim.grad_accum)
-        schedule = warmup_cosine(round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.epochs * steps_per_epoch,
-                                 cfg.optim.min_lr_ratio)
+        loader = make_loader(train, cfg.optim.batch_size, batch_instances=cfg.optim.batch_instances, train=True,
+                             seed=fold.seed * 1000 + fold.fold, class_balanced=cfg.optim.class_balanced_sampling,
+                             num_workers=cfg.data.num_workers, num_replicas=ctx.world, rank=ctx.rank,
+                             pin_memory=ctx.device.type == "cuda")
+        # Optimizer steps of every epoch (under an instance budget the batch count varies with the shuffle),
+        # so the schedule counts the real steps.
+        steps = [math.ceil(n / cfg.optim.grad_accum) for n in loader.batch_sampler.steps_per_epoch(range(cfg.optim.epochs))]
+        schedule = warmup_cosine(round(cfg.optim.warmup_epochs * steps[0]), sum(steps), cfg.optim.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         weight = class_weights(train.labels, len(self.classes)).to(ctx.device) if cfg.optim.class_weights else None
@@ -135,7 +146,8 @@ class FoldTrainer:
             train_loss = self._train_epoch(wrapped, model, loader, optimizer, scheduler, scaler, weight)
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
             if parts.val is not None and len(parts.val):
-                probs = infer(model, parts.val, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
+                probs = infer(model, parts.val, ctx, batch_size=cfg.optim.batch_size,
+                              batch_instances=cfg.optim.batch_instances, dtype=self.dtype,
                               num_workers=cfg.data.num_workers).probs
                 val = classification_metrics(parts.val.labels, probs, ordinal=cfg.eval.ordinal)
                 row.update({f"val_{k}": v for k, v in val.items()})
@@ -226,7 +238,8 @@ class FoldTrainer:
         cfg, ctx = self.config, self.ctx
         barrier(ctx)
         model = load_model(fold_dir.best, device=str(ctx.device))
-        result = infer(model, parts.test, ctx, batch_size=cfg.optim.batch_size, dtype=self.dtype,
+        result = infer(model, parts.test, ctx, batch_size=cfg.optim.batch_size,
+                       batch_instances=cfg.optim.batch_instances, dtype=self.dtype,
                        attention=cfg.eval.save_attention, num_workers=cfg.data.num_workers, classes=self.classes)
         probs, y = result.probs, parts.test.labels
         test = classification_metrics(y, probs, ordinal=cfg.eval.ordinal)
