@@ -417,7 +417,8 @@ def explain_mass(run_dirs, out):
     import pandas as pd
 
     from .atomic import atomic_write, atomic_write_text
-    from .explain.mass import format_summary, load_run, summarize
+    from .explain.mass import format_summary, summarize
+    from .explain.reader import load_run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
