@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from qgmil.data import BagFileError, inspect_bag, read_bag, read_coords, read_features, write_bag
+from qgmil.data import BagFileError, inspect_bag, read_bag, read_coords, read_extra, read_features, write_bag
 
 RNG = np.random.default_rng(0)
 FEATS = RNG.normal(size=(17, 6)).astype(np.float32)
@@ -158,3 +158,20 @@ def test_pt_files_are_never_unpickled(tmp_path, capsys):
     with pytest.raises(BagFileError, match="not a readable tensor file"):
         read_bag(tmp_path / "evil.pt")
     assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_read_extra_reads_one_dataset_as_read_bag_does(tmp_path, name):
+    make, _, _ = LAYOUTS[name]
+    path = tmp_path / name
+    make(path)
+    extras = read_bag(path).extras
+    for key in ("instance_labels", "instance_names", "features", "feats", "coords", "nothing"):
+        got = read_extra(path, key)
+        if key in extras:
+            assert np.array_equal(np.asarray(got), np.asarray(extras[key]))
+        else:
+            assert got is None, key
+    if name == "own.h5":
+        np.testing.assert_array_equal(read_extra(path, "instance_labels"), np.arange(17) % 2)
+        assert read_extra(path, "instance_names")[3] == "cell_3.png"

@@ -175,3 +175,39 @@ def test_explain_mass_bad_run_dirs(two_runs, tmp_path):
         path.unlink()
     result = runner.invoke(main, ["explain", "mass", str(run), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and str(run) in result.output and "save_attention" in result.output
+
+
+def test_write_mass_report(two_runs, tmp_path, monkeypatch):
+    from qgmil.explain import MassError, write_mass_report
+    from qgmil.explain import mass_report
+
+    out = tmp_path / "report"
+    report = write_mass_report([two_runs["abmil"], two_runs["mean_pool"]], out)
+    names = ["mass_per_bag.csv", "mass_summary.csv", "mass_summary.md", "lorenz.png", "mass_boxplots.png"]
+    assert report.written == [out / n for n in names] and report.note is None
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert (out / "lorenz.png").read_bytes()[:8] == PNG and (out / "mass_boxplots.png").read_bytes()[:8] == PNG
+    assert (out / "mass_summary.md").read_text() == report.table + "\n"
+    lines = report.table.splitlines()
+    assert lines[0].startswith("| model | dataset | bags | normalised entropy") and len(lines) == 4
+    assert lines[2].startswith("| abmil | digits | 40 |")
+    assert lines[3].startswith("| mean_pool | digits | 40 | 1.000 ± 0.000")
+    assert len(report.per_bag) == 80 and list(report.summary["model"]) == ["abmil", "mean_pool"]
+    frame = pd.read_csv(out / "mass_per_bag.csv", dtype={"bag_id": str})
+    assert list(frame.columns) == list(report.per_bag.columns)
+    assert frame["bag_id"].tolist() == report.per_bag["bag_id"].tolist()
+
+    # without matplotlib: the tables, and a note saying why there are no figures
+    def no_matplotlib(**kwargs):
+        raise ImportError("figures need matplotlib: pip install 'qgmil[plots]'")
+
+    monkeypatch.setattr(mass_report, "new_figure", no_matplotlib)
+    bare = write_mass_report([two_runs["mean_pool"]], tmp_path / "bare")
+    assert bare.written == [tmp_path / "bare" / n for n in names[:3]]
+    assert bare.note == "no figures: figures need matplotlib: pip install 'qgmil[plots]'"
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == sorted(names[:3])
+
+    # a directory that is not a run: the error names it, and no report folder is made
+    with pytest.raises(MassError, match="run.json"):
+        write_mass_report([tmp_path], tmp_path / "none")
+    assert not (tmp_path / "none").exists()

@@ -230,7 +230,8 @@ def format_ablation(results: pd.DataFrame, datasets: list[str]) -> str | None:
 def attention_mass(cells: list[Cell]) -> tuple[pd.DataFrame, list[str]]:
     """Per model x dataset summary of the finished cells' test attention (qgmil.explain.mass.summarize:
     bags, <metric>_mean / _std / _median), and one line per finished cell that has no attention to analyse."""
-    from ..explain.mass import MassError, run_metrics, summarize
+    from ..explain.mass import summarize
+    from ..explain.reader import MassError, run_metrics
 
     frames, skipped = [], []
     for cell in cells:

@@ -8,7 +8,6 @@ import click
 
 from .options import command_line
 
-
 BUILTIN_OUT = "qgmil-benchmark"  # --out of `qgmil benchmark --builtin` when none is given
 
 @click.command()

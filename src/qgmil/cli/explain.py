@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+
 @click.group()
 def explain():
     """Analyse what trained models attend to, from their run directories."""
@@ -18,38 +19,13 @@ def explain_mass(run_dirs, out):
 
     Writes OUT/mass_per_bag.csv, mass_summary.csv, mass_summary.md, lorenz.png and mass_boxplots.png.
     """
-    from pathlib import Path
+    from ..explain.mass_report import write_mass_report
 
-    import numpy as np
-    import pandas as pd
-
-    from ..atomic import atomic_write, atomic_write_text
-    from ..explain.mass import format_summary, load_run, summarize
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = [load_run(d) for d in run_dirs]
-    names = [f"{r.model} / {r.dataset}" for r in runs]
-    names = [f"{n} ({r.run_dir.name})" if names.count(n) > 1 else n for n, r in zip(names, runs)]
-    frames = [r.metrics() for r in runs]
-    frame = pd.concat(frames, ignore_index=True)
-    summary = summarize(frame)
-    table = format_summary(summary)
-    atomic_write(out / "mass_per_bag.csv", lambda tmp: frame.to_csv(tmp, index=False))
-    atomic_write(out / "mass_summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
-    atomic_write_text(out / "mass_summary.md", table + "\n")
-    written = [out / "mass_per_bag.csv", out / "mass_summary.csv", out / "mass_summary.md"]
-    try:
-        from ..explain.mass_plots import lorenz_plot, mass_boxplots
-
-        grid = np.linspace(0.0, 1.0, 201)
-        written.append(lorenz_plot({n: r.lorenz(grid) for n, r in zip(names, runs)}, grid, out / "lorenz.png"))
-        labels = pd.Series(np.repeat(names, [len(f) for f in frames]))
-        written.append(mass_boxplots(frame, labels, out / "mass_boxplots.png"))
-    except ImportError as err:
-        click.echo(f"no figures: {err}", err=True)
-    click.echo(table)
-    click.echo("\nwrote " + ", ".join(str(p) for p in written))
+    report = write_mass_report(run_dirs, out)
+    if report.note:
+        click.echo(report.note, err=True)
+    click.echo(report.table)
+    click.echo("\nwrote " + ", ".join(str(p) for p in report.written))
 
 
 @explain.command("heatmap")

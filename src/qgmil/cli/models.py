@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+
 @click.command()
 @click.argument("pattern", default="*")
 @click.option("--params", is_flag=True, help="Also count parameters (at --in-dim, 2 classes).")

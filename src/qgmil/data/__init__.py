@@ -1,7 +1,8 @@
 """Bag data: feature files, dataset tables, patient-level splits, padded batching, built-in datasets."""
 
 from .bagfile import (
-    Bag, BagFileError, BagInfo, inspect_bag, read_attrs, read_bag, read_coords, read_features, write_bag,
+    Bag, BagFileError, BagInfo, inspect_bag, read_attrs, read_bag, read_coords, read_extra, read_features,
+    write_bag,
 )
 from .builtin import BagDataset, dataset_info, digit_bags, list_datasets, prepare_dataset
 from .collate import BagBatch, collate_bags, pad_bags
@@ -17,5 +18,6 @@ __all__ = [
     "DataError", "DataReport", "Fold", "MILDataset", "Splits", "check_dataset", "collate_bags", "dataset_info",
     "digit_bags", "list_datasets", "prepare_dataset",
     "inspect_bag", "load_or_make_splits", "make_loader", "make_splits", "pad_bags", "padding_fraction",
-    "read_attrs", "read_bag", "read_coords", "read_features", "read_table", "set_epoch", "splits_from_table", "write_bag",
+    "read_attrs", "read_bag", "read_coords", "read_extra", "read_features", "read_table", "set_epoch",
+    "splits_from_table", "write_bag",
 ]

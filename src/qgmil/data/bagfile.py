@@ -233,6 +233,24 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
         return _attrs(f, _h5_layout(f, path)[1])
 
 
+def read_extra(path: str | Path, name: str):
+    """Only the extra dataset `name` of a feature file (as in `Bag.extras`: e.g. `instance_labels`,
+    `instance_names`), or None when the file has none. h5 files read that one dataset; .npy files hold no
+    extras; .pt files are loaded whole."""
+    path = _check_file(path)
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        with _open_h5(path) as f:
+            _, key = _h5_layout(f, path)
+            obj = f.get(name)
+            if name in (key, "coords") or not isinstance(obj, h5py.Dataset):
+                return None
+            return _read_dataset(obj)
+    if suffix == ".npy":
+        return None
+    return read_bag(path).extras.get(name)
+
+
 def read_bag(path: str | Path) -> Bag:
     """Everything the file holds: features, coords (+ unit), provenance attrs and extra datasets."""
     path = _check_file(path)

@@ -1,11 +1,16 @@
-"""Attention heatmaps: paint each tile's attention over its footprint on the slide, at thumbnail scale.
+"""Attention heatmaps (`qgmil explain heatmap`): paint each tile's attention over its footprint on the slide,
+at thumbnail scale.
 
   attention_heatmap(coords, attention, patch_size_level0, scale=...)  -> (H', W') float, NaN off-tissue
   render_overlay(heat, path, background=thumbnail)                     -> PNG (matplotlib Agg, atomic)
   read_thumbnail(slide_path, max_size)                                 -> (RGB uint8, level-0 (W, H))
+  bag_geometry(feature_file)                                           -> (level-0 coords, patch side)
   run_heatmaps(run_dirs, out, bags=...)                                -> OUT/<bag_id>.png per bag
-      branches=True: a panel per attention branch (clam_mb: per class); patches=k: also OUT/<bag_id>_patches.png,
-      the k most / least attended tiles (gallery.py); tissue_only=True: no heat off the thumbnail's tissue
+      branches=True: a panel per attention branch (per class where branch k is class k's); patches=k: also
+      OUT/<bag_id>_patches.png, the k most / least attended tiles (grid.py); tissue_only=True: no heat off
+      the thumbnail's tissue
+
+The runs are read by reader.py (`HeatmapError` is its error type).
 
 The heat is never built at level-0 resolution: tile rectangles are mapped to the output grid
 (level-0 px / scale) and painted with a 2-D difference array, O(N + H' W') time and memory, so a
@@ -21,28 +26,26 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plotting import save_exact
 from ..extract.slide import PLAIN_SUFFIXES, WSI_SUFFIXES, SlideError, open_slide
+from ..plotting import new_figure, save_exact
+from .grid import ranked_rows, render_gallery, tile_crops
+from .reader import HeatmapError, bag_attention, bag_branch_attention, bag_units, load_run, run_names
 
 NORMALISE = ("rank", "minmax", "none")
-
-
-class HeatmapError(ValueError):
-    """A bag / run / slide that cannot be drawn; the message names it."""
 
 
 def normalise_attention(attention, how: str = "rank") -> np.ndarray:
     """rank: percentile rank in [0, 1] ((rank - 1) / (N - 1), ties share their mean rank; N = 1 -> 1);
     minmax: (a - min) / (max - min) (constant -> 0.5, as rank gives); none: the weights as they are."""
-    from .mass import _average_ranks
-
     a = np.asarray(attention, dtype=np.float64).reshape(-1)
     if how not in NORMALISE:
         raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, got {how!r}")
     if how == "none" or a.size == 0:
         return a
     if how == "rank":
-        return np.ones(1) if a.size == 1 else (_average_ranks(a) - 1.0) / (a.size - 1)
+        from scipy.stats import rankdata
+
+        return np.ones(1) if a.size == 1 else (rankdata(a, method="average") - 1.0) / (a.size - 1)
     lo, hi = a.min(), a.max()
     return np.full_like(a, 0.5) if hi <= lo else (a - lo) / (hi - lo)
 
@@ -124,12 +127,6 @@ def render_panels(heats: Sequence[np.ndarray], path, *, background: np.ndarray |
     The PNG shows each heat pixel as f x f pixels, f = max(1, 512 // long side); without titles and
     colorbar it is exactly (W' f * panels + gaps) x (H' f). NaN is transparent (the background shows).
     """
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("heatmaps need matplotlib: pip install 'qgmil[plots]'") from e
     heats = [np.asarray(h, dtype=np.float64) for h in heats]
     if not heats or any(h.ndim != 2 for h in heats):
         raise ValueError("heats must be a non-empty list of 2-D arrays")
@@ -146,7 +143,6 @@ def render_panels(heats: Sequence[np.ndarray], path, *, background: np.ndarray |
         finite = np.concatenate([h[np.isfinite(h)] for h in heats])
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         vmin, vmax = (lo if vmin is None else vmin), (hi if vmax is None else vmax)
-    colors = matplotlib.colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))  # NaN: transparent
 
     dpi = 100
     f = _display_factor(heats)
@@ -156,8 +152,10 @@ def render_panels(heats: Sequence[np.ndarray], path, *, background: np.ndarray |
     right = 90 if colorbar else 0
     fig_w = len(heats) * w_px + (len(heats) - 1) * gap + right
     fig_h = h_px + top
-    fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
+    from matplotlib import colormaps  # importable: new_figure found matplotlib
+
+    colors = colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))  # NaN: transparent
     extent = (0, heats[0].shape[1], heats[0].shape[0], 0)
     image = None
     for i, (heat, title) in enumerate(zip(heats, titles)):
@@ -215,7 +213,7 @@ def find_slide(slides_dir, bag_id: str) -> Path | None:
     return found[0] if found else None
 
 
-# --- bags of a run ------------------------------------------------------------------------------
+# --- feature files ------------------------------------------------------------------------------
 
 def bag_geometry(path) -> tuple[np.ndarray, float]:
     """(coords (N, 2) in level-0 px, patch side in level-0 px) of a feature file.
@@ -262,59 +260,6 @@ def bag_geometry(path) -> tuple[np.ndarray, float]:
     return coords, patch
 
 
-def _bag_units(run):
-    """{bag_id: Unit (files, slide_ids)} of the run's dataset, bags as the run built them (slide or patient)."""
-    if run.units_error is not None:
-        raise HeatmapError(f"{run.run_dir}: cannot read the dataset ({run.units_error})")
-    return run.units
-
-
-def run_names(runs) -> list[str]:
-    """Each run's model name, with its directory name where two runs share a model."""
-    names = [r.model for r in runs]
-    return [f"{n} ({r.run_dir.name})" if names.count(n) > 1 else n for n, r in zip(names, runs)]
-
-
-def bag_attention(run, bag_id: str) -> tuple[np.ndarray, int]:
-    """(attention, number of test rows averaged): the mean over the seeds that tested the bag."""
-    found = [a for b, a in zip(run.rows["bag_id"], run.attention) if b == bag_id]
-    if not found:
-        raise HeatmapError(f"{run.run_dir}: bag {bag_id!r} has no test attention")
-    if len({a.size for a in found}) != 1:
-        raise HeatmapError(f"{run.run_dir}: bag {bag_id!r}: attention of different lengths across seeds")
-    return np.mean(np.stack(found).astype(np.float64), axis=0), len(found)
-
-
-def bag_branch_attention(run, bag_id: str) -> tuple[np.ndarray, list[str], int]:
-    """((K, N) branch attention, K branch names, seeds averaged): the mean over the seeds that tested the bag,
-    from the `branch_attention` group of folds/*/attention.h5 (multi-branch models only)."""
-    from ..rundir import RunDir, read_attention
-
-    found, names, any_group = [], None, False
-    for path in RunDir(run.run_dir).attention_files():
-        stored = read_attention(path, bags=[bag_id], branches=True)
-        if not stored.has_branches:
-            continue
-        any_group = True
-        if bag_id in stored.branches:
-            found.append(stored.branches[bag_id])
-            names = stored.branch_names
-    if not any_group:
-        from ..models import list_models
-
-        raise HeatmapError(f"{run.run_dir}: no branch attention in folds/*/attention.h5 ({run.model} is not a "
-                           f"multi-branch model ({', '.join(list_models(tags='multi_branch'))}), "
-                           "or the run predates --branches)")
-    if not found:
-        raise HeatmapError(f"{run.run_dir}: bag {bag_id!r} has no test branch attention")
-    if len({a.shape for a in found}) != 1:
-        raise HeatmapError(f"{run.run_dir}: bag {bag_id!r}: branch attention of different shapes across seeds")
-    mean = np.mean(np.stack(found).astype(np.float64), axis=0)
-    if len(names or []) != mean.shape[0]:
-        names = [f"branch {i}" for i in range(mean.shape[0])]
-    return mean, names, len(found)
-
-
 def restrict_to_tissue(heat: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     """A copy of the (H', W') heat that is NaN (unpainted) where the (h, w) bool tissue mask of the thumbnail
     is False; each heat pixel takes the mask value under its centre (the two cover the same slide)."""
@@ -336,7 +281,8 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
     run, titled with its model name, over the slide thumbnail from `slides`; without a slide, on white
     and cropped to the tiles' bounding box.
 
-    branches: one panel per attention branch of a single multi-branch run (clam_mb: per class) instead.
+    branches: one panel per attention branch of a single multi-branch run (per class where branch k
+        is class k's) instead.
     patches: also OUT/<bag_id>_patches.png, the `patches` most and least attended tiles of every panel's
         attention, cropped from the slide (needs `slides`).
     tissue_only: no heat off the tissue that `segment_tissue` finds on the thumbnail (needs `slides`).
@@ -344,8 +290,6 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
     each with its slide's share of the bag's attention (ranks taken over the whole bag).
     """
     from tqdm.auto import tqdm
-
-    from .mass import load_run
 
     if normalise not in NORMALISE:
         raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, got {normalise!r}")
@@ -359,7 +303,7 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
         raise HeatmapError(f"--branches draws the branches of one run, got {len(runs)} run directories")
     bags = [str(b) for b in bags] if bags else list(dict.fromkeys(runs[0].rows["bag_id"]))[:3]
     names = run_names(runs)
-    units = _bag_units(runs[0])
+    units = bag_units(runs[0])
     out = Path(out)
     written = []
     for bag_id in tqdm(bags, desc="heatmaps", unit="bag", disable=not progress):
@@ -398,8 +342,6 @@ def _draw_slide(stem: str, coords: np.ndarray, patch: float, slide_id: str, part
                 single: bool, echo) -> list[Path]:
     """OUT/<stem>.png (one panel per (title, normalised weights) of `parts`) and, with `patches`,
     OUT/<stem>_patches.png (ranked on the `raw` weights, which the captions show)."""
-    from .gallery import ranked_rows, render_gallery, tile_crops
-
     background, slide_size, tissue = None, None, None
     slide = find_slide(slides, slide_id) if slides else None
     if slides and slide is None and echo:

@@ -23,18 +23,16 @@ Localisation against per-instance labels (1 / nonzero = positive, "witness"):
   instance_auroc          P(a_pos > a_neg) + 0.5 P(a_pos == a_neg) over all (positive, negative) pairs
                           (Mann-Whitney U / (n_pos n_neg), ties count half); NaN with one class only.
   n_positive              number of positive instances.
+
+Per run: `summarize` (per model x dataset) and `format_summary` (markdown). Reading runs: reader.py;
+the report on disk (tables, figures): mass_report.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Sequence
 
-import h5py
 import numpy as np
 import pandas as pd
 
@@ -46,10 +44,6 @@ LOCALISATION = ("attention_on_positives", "positive_share", "instance_auroc", "n
 MAIN_METRICS = {"norm_entropy": "normalised entropy", "effective_fraction": "effective fraction",
                 "top_10pct_mass": "top-10% mass", "gini": "Gini", "max_weight": "max weight"}
 LOCALISATION_MAIN = {"attention_on_positives": "attention on positives", "instance_auroc": "instance AUROC"}
-
-
-class MassError(ValueError):
-    """A run directory that cannot be analysed; the message names it."""
 
 
 def _check_attention(a) -> np.ndarray:
@@ -91,13 +85,6 @@ def bag_metrics(a, top_k: Sequence[int] = TOP_K, top_percent: Sequence[int] = TO
     return out
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, tied values sharing the mean of their ranks."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    starts = np.cumsum(counts) - counts  # ranks before each group
-    return (starts + (counts + 1) / 2.0)[inverse]
-
-
 def localisation(a, instance_labels) -> dict:
     """Where the attention goes relative to per-instance labels (see the module docstring)."""
     a = _check_attention(a)
@@ -109,7 +96,9 @@ def localisation(a, instance_labels) -> dict:
     n_neg = a.size - n_pos
     auroc = float("nan")
     if n_pos and n_neg:
-        ranks = _average_ranks(a)
+        from scipy.stats import rankdata
+
+        ranks = rankdata(a, method="average")  # ties share the mean of their ranks
         u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
         auroc = float(u / (n_pos * n_neg))
     return {"attention_on_positives": float(a[pos].sum()) if n_pos else float("nan"),
@@ -123,118 +112,6 @@ def lorenz_curve(a, grid: np.ndarray) -> np.ndarray:
     x = np.arange(a.size + 1) / a.size
     y = np.concatenate([[0.0], np.cumsum(np.sort(a)[::-1])])
     return np.interp(grid, x, y)
-
-
-# --- run directories -----------------------------------------------------------------------------
-
-@dataclass
-class RunAttention:
-    """A run's test attention: one entry per (bag, fold, seed) row of its predictions.csv."""
-
-    run_dir: Path
-    model: str
-    dataset: str
-    rows: pd.DataFrame  # bag_id, fold, seed, label
-    attention: list[np.ndarray] = field(default_factory=list)
-    instance_labels: list[np.ndarray | None] = field(default_factory=list)
-    units: dict = field(default_factory=dict)  # bag_id -> data.Unit (its files, slide ids), as the run built bags
-    units_error: str | None = None  # why the run's dataset could not be read (then `units` is empty)
-
-    def metrics(self) -> pd.DataFrame:
-        records = []
-        with_labels = any(lab is not None for lab in self.instance_labels)
-        for row, a, labels in zip(self.rows.itertuples(index=False), self.attention, self.instance_labels):
-            try:
-                rec = {"model": self.model, "dataset": self.dataset, "run_dir": str(self.run_dir),
-                       **{c: getattr(row, c) for c in BAG_COLUMNS}, **bag_metrics(a)}
-                if with_labels:
-                    rec.update(localisation(a, labels) if labels is not None else dict.fromkeys(LOCALISATION, np.nan))
-            except ValueError as err:
-                raise MassError(f"{self.run_dir}: bag {row.bag_id} (seed {row.seed}, fold {row.fold}): {err}") from None
-            records.append(rec)
-        return pd.DataFrame(records)
-
-    def lorenz(self, grid: np.ndarray) -> np.ndarray:
-        """(bags, len(grid)) Lorenz curves."""
-        return np.stack([lorenz_curve(a, grid) for a in self.attention]) if self.attention else np.empty((0, grid.size))
-
-
-def _read_instance_labels(files: Iterable[Path]) -> np.ndarray | None:
-    from ..data import read_bag
-
-    parts = []
-    for path in files:
-        path = Path(path)
-        if path.suffix.lower() in (".h5", ".hdf5"):
-            with h5py.File(path, "r") as f:
-                labels = f["instance_labels"][()] if "instance_labels" in f else None
-        else:
-            labels = read_bag(path).extras.get("instance_labels")
-        if labels is None:
-            return None
-        parts.append(np.asarray(labels).reshape(-1))
-    return np.concatenate(parts) if parts else None
-
-
-def load_run(run_dir: str | Path) -> RunAttention:
-    """Read a training run's test attention (folds/*/attention.h5) and its bags' instance labels, if any."""
-    from ..data import MILDataset
-    from ..rundir import RunDir, RunDirError, read_attention
-
-    run_dir = Path(run_dir)
-    rundir = RunDir(run_dir)
-    try:
-        rundir.require_run()
-        predictions = rundir.read_predictions()
-    except RunDirError as err:
-        raise MassError(str(err)) from None
-    files = rundir.attention_files()
-    if not files:
-        raise MassError(f"{run_dir}: no folds/*/attention.h5 (was the run trained with eval.save_attention=false?)")
-    config = rundir.read_config()
-    classes = rundir.classes
-    dataset, table, features = rundir.dataset_source(config)
-
-    attention: dict[tuple[str, int, int], np.ndarray] = {}
-    for path in files:
-        found = read_attention(path)
-        fold, seed = int(found.attrs["fold"]), int(found.attrs["seed"])
-        attention.update({(bag_id, fold, seed): a for bag_id, a in found.pooled.items()})
-    keys = list(zip(predictions["bag_id"], predictions["fold"].astype(int), predictions["seed"].astype(int)))
-    keep = [k in attention for k in keys]
-    rows = predictions.loc[keep, list(BAG_COLUMNS)].reset_index(drop=True)
-    if rows.empty:
-        raise MassError(f"{run_dir}: no test bag of predictions.csv has attention in folds/*/attention.h5")
-
-    run = RunAttention(run_dir, config.model.name, dataset, rows)
-    try:
-        data = MILDataset.from_table(table, features, columns=config.data.columns, classes=classes,
-                                     bag_unit=config.data.bag_unit)
-        run.units = {u.bag_id: u for u in data.units}
-    except (ValueError, OSError) as err:  # DataError is a ValueError
-        run.units_error = str(err)
-        warnings.warn(f"{run_dir}: cannot read the dataset ({err}); no localisation metrics", stacklevel=2)
-    unit_files = {bag_id: u.files for bag_id, u in run.units.items()}
-    label_cache: dict[str, np.ndarray | None] = {}
-    for k, ok in zip(keys, keep):
-        if not ok:
-            continue
-        a = attention[k]
-        if k[0] not in label_cache:
-            label_cache[k[0]] = _read_instance_labels(unit_files[k[0]]) if k[0] in unit_files else None
-        labels = label_cache[k[0]]
-        if labels is not None and labels.size != a.size:
-            raise MassError(f"{run_dir}: bag {k[0]}: attention over {a.size} instances, "
-                            f"but its feature files hold {labels.size} instance labels")
-        run.attention.append(a)
-        run.instance_labels.append(labels)
-    return run
-
-
-def run_metrics(run_dir: str | Path) -> pd.DataFrame:
-    """One row per test bag (and seed): model, dataset, run_dir, bag_id, fold, seed, label, the
-    `bag_metrics`, and the `localisation` columns when the bags have instance labels."""
-    return load_run(run_dir).metrics()
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
