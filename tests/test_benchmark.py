@@ -1,13 +1,14 @@
 """`qgmil benchmark`: the grid of cells, the tables, rerun/resume, shards and early errors."""
 
+import ast
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from qgmil.bench import BenchSpec, ModelSpec, load_spec, plan_cells
-from qgmil.bench.runner import BenchmarkError, expand_models
+from qgmil.bench import BenchmarkError, BenchSpec, ModelSpec, expand_models, load_spec, plan_cells
 from qgmil.cli import main
 from qgmil.models import ABLATION_SET
 
@@ -171,7 +172,7 @@ def test_groups_order_and_yaml_models(tmp_path):
 
 
 def test_ablation_and_gain_tables_from_results():
-    from qgmil.bench.runner import compute_gains, format_ablation, format_results
+    from qgmil.bench.tables import compute_gains, format_ablation, format_results
 
     rows = [("qgmil", "a", 0.80), ("qgmil_wo_gate", "a", 0.75), ("abmil", "a", 0.78),
             ("qgmil", "b", 0.60), ("qgmil_wo_gate", "b", 0.62), ("abmil", "b", 0.65)]
@@ -244,7 +245,7 @@ def test_workers_match_sequential_and_failures_are_reported(grid, bench_file, tm
 
 
 def test_builtin_preset_resolves_and_flags_override_it(tmp_path):
-    from qgmil.bench.runner import builtin_spec_text
+    from qgmil.bench import builtin_spec_text
 
     spec = load_spec(builtin=True)
     cells = plan_cells(spec, tmp_path)
@@ -281,3 +282,18 @@ def test_tables_without_matplotlib_skip_the_figures_with_a_note(grid, bench_file
     assert tables["finished"] == 3 and tables["figures"] == [] and not list(tmp_path.glob("*.png"))
     assert notes == ["no figures: plotting needs matplotlib: pip install 'qgmil[plots]'"]
     assert (tmp_path / "results.tex").exists() and (tmp_path / "significance.md").exists()
+
+
+def test_bench_modules_import_one_way_and_read_runs_through_rundir():
+    import qgmil.bench
+
+    root = Path(qgmil.bench.__file__).parent
+    allowed = {"spec": set(), "tables": {"spec"}, "stats": {"spec", "tables"}, "plots": {"tables"},
+               "report": {"spec", "tables", "stats", "plots"}, "runner": {"spec", "report"}}
+    assert {p.stem for p in root.glob("*.py")} == {*allowed, "__init__"}
+    for name, ok in allowed.items():
+        text = (root / f"{name}.py").read_text()
+        relative = [node for node in ast.walk(ast.parse(text)) if isinstance(node, ast.ImportFrom) and node.level == 1]
+        imported = {n.module for n in relative if n.module} | {a.name for n in relative if not n.module for a in n.names}
+        assert imported <= ok, (name, imported - ok)
+        assert "summary.json" not in text and "metrics.json" not in text and "config.yaml" not in text, name

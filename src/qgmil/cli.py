@@ -452,8 +452,8 @@ BUILTIN_OUT = "qgmil-benchmark"  # --out of `qgmil benchmark --builtin` when non
 @main.command()
 @click.argument("bench_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--builtin", is_flag=True,
-              help="The built-in benchmark (qgmil/bench/builtin.yaml: musk1, musk2, elephant, digit-bags; the "
-                   "ablation set and five baselines) instead of BENCH_FILE; flags still override it.")
+              help="The built-in benchmark (qgmil/bench/presets/builtin.yaml: musk1, musk2, elephant, digit-bags; "
+                   "the ablation set and five baselines) instead of BENCH_FILE; flags still override it.")
 @click.option("--datasets", help="Comma-separated built-in datasets or dataset directories (labels.csv + features/).")
 @click.option("--models", help="Comma-separated models; groups: ablation, baselines; patterns such as 'qgmil*'.")
 @click.option("--folds", type=int, help="Cross-validation folds per cell (default 5).")
@@ -480,7 +480,7 @@ def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, epoc
     datasets, models, folds, seeds, workers, train) sets the same; flags override it. Rerun to continue:
     finished cells are skipped. Exits with 1 when a cell failed (the others still run).
     """
-    from .bench.runner import load_spec, parse_shard, run_benchmark
+    from .bench import load_spec, parse_shard, run_benchmark
     from .rundir.config import parse_set
 
     if out is None and not builtin:
@@ -499,9 +499,7 @@ def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, epoc
     click.echo("\n" + tables["results_md"])
     if tables["ablation_md"]:
         click.echo("\n" + tables["ablation_md"])
-    written = ["results.md", "results.csv", "results.tex", "auroc.md", "calibration.md", "gains.csv",
-               *(["ablation.md"] if tables["ablation_md"] else []), "significance.md", "attention_mass.md",
-               *(p.name for p in tables["figures"])]
+    written = [p.name for p in tables["written"]]
     click.echo(f"\n{tables['finished']}/{tables['cells']} cells finished; tables in {out}/ ({', '.join(written)})")
     if not report_only:
         seconds = tables["seconds"]

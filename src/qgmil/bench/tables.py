@@ -1,22 +1,18 @@
 """The benchmark's tables: per-cell results, gains, metric grids (Markdown and LaTeX), ablation, attention mass.
 
-Every function here reads finished cells (or a results frame built from them) and returns text or frames;
-`runner.build_tables` writes the files.
+Every function here reads finished cells (through their RunDir) or a results frame built from them and
+returns text or frames; `report.build_tables` writes the files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from ..evaluate.metrics import HIGHER_IS_BETTER
-
-if TYPE_CHECKING:
-    from .runner import Cell
+from .spec import Cell
 
 TABLE_METRICS = ["macro_f1", "auroc", "balanced_accuracy", "ece", "brier"]
 METRIC_NAMES = {"macro_f1": "Macro-F1", "auroc": "AUROC", "balanced_accuracy": "Balanced accuracy", "ece": "ECE",
@@ -34,19 +30,18 @@ def is_qgmil(model_name: str) -> bool:
 
 def collect_results(cells: list[Cell]) -> pd.DataFrame:
     """One row per finished cell: model, model_name, dataset, folds, <metric>_mean / _std, and seconds
-    (training time summed over its folds, from folds/*/metrics.json)."""
+    (training time summed over its folds)."""
     rows = []
     for cell in cells:
         if not cell.finished:
             continue
-        summary = json.loads((cell.run_dir / "summary.json").read_text())
+        summary = cell.rundir.read_summary()
         row = {"model": cell.model, "model_name": cell.model_name, "dataset": cell.dataset,
                "folds": summary.get("macro_f1", {}).get("n", 0)}
         for metric in TABLE_METRICS:
             row[f"{metric}_mean"] = summary.get(metric, {}).get("mean", math.nan)
             row[f"{metric}_std"] = summary.get(metric, {}).get("std", math.nan)
-        row["seconds"] = sum(json.loads(p.read_text()).get("seconds", 0.0)
-                             for p in (cell.run_dir / "folds").glob("*/metrics.json"))
+        row["seconds"] = cell.rundir.training_seconds()
         rows.append(row)
     columns = (["model", "model_name", "dataset", "folds"]
                + [f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")] + ["seconds"])
