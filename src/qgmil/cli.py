@@ -475,9 +475,9 @@ def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, epoc
 
     `qgmil benchmark --datasets musk1,elephant --models ablation,abmil --out BENCH` writes one run per
     model x dataset under BENCH/runs/, then results.md/.csv/.tex (macro-F1, best in bold, gain of QG-MIL
-    over the best baseline), auroc.md, calibration.md, gains.csv, ablation.md, significance.md/.csv
-    (paired per-fold tests), attention_mass.md/.csv and results.png, ranks.png. BENCH_FILE (YAML:
-    datasets, models, folds, seeds, workers, train) sets the same; flags override it. Rerun to continue:
+    over the best baseline), summary.md (a row per cell), auroc.md, calibration.md, gains.csv, ablation.md,
+    significance.md/.csv (paired per-fold tests), attention_mass.md/.csv and results.png, ranks.png. BENCH_FILE
+    (YAML: datasets, models, folds, seeds, workers, train) sets the same; flags override it. Rerun to continue:
     finished cells are skipped. Exits with 1 when a cell failed (the others still run).
     """
     from .bench import load_spec, parse_shard, run_benchmark

@@ -1,8 +1,8 @@
 """The benchmark's report: every table and figure of OUT/ (the layout is in qgmil.bench.spec), built from
 whatever cells have finished.
 
-`build_tables` is the one writer; the tables come from `tables` (results, gains, metric grids, ablation,
-attention mass), the paired tests from `stats`, the figures from `plots`.
+`build_tables` is the one writer; the tables come from `tables` (results, gains, metric grids, summary,
+ablation, attention mass), the paired tests from `stats`, the figures from `plots`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from .spec import Cell
 from .stats import format_significance, significance
 from .tables import (
     attention_mass, collect_results, compute_gains, format_ablation, format_attention_mass, format_metric_tables,
-    format_results, format_results_latex,
+    format_results, format_results_latex, format_summary, summary_table,
 )
 
 
 def build_tables(out: str | Path, cells: list[Cell], echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Write every table and figure from the finished cells of `cells` into `out`.
 
-    Returns the frames (results, gains, significance, attention_mass), the Markdown the command line
-    prints (results_md, ablation_md: None without an ablation), figures (the PNGs
+    Returns the frames (results, gains, significance, attention_mass, summary), the Markdown the command
+    line prints (results_md, summary_md, ablation_md: None without an ablation), figures (the PNGs
     written), written (every file written, in order), finished and cells (counts).
     """
     out = Path(out)
@@ -36,6 +36,8 @@ def build_tables(out: str | Path, cells: list[Cell], echo: Callable[[str], None]
     ablation_md = format_ablation(results, datasets)
     tests = significance(cells, results, gains)
     mass, skipped = attention_mass(cells)
+    summary = summary_table(results, mass)
+    summary_md = format_summary(summary)
     written: list[Path] = []
 
     def text(name: str, content: str) -> None:
@@ -47,6 +49,7 @@ def build_tables(out: str | Path, cells: list[Cell], echo: Callable[[str], None]
     text("results.md", results_md)
     csv("results.csv", results)
     text("results.tex", format_results_latex(results, models, datasets))
+    text("summary.md", summary_md)
     text("auroc.md", format_metric_tables(results, models, datasets, ["auroc"]))
     text("calibration.md", format_metric_tables(results, models, datasets, ["ece", "brier"]))
     csv("gains.csv", gains)
@@ -57,8 +60,8 @@ def build_tables(out: str | Path, cells: list[Cell], echo: Callable[[str], None]
     text("attention_mass.md", format_attention_mass(mass, skipped))
     csv("attention_mass.csv", mass)
     figures = write_figures(out, results, models, datasets, echo) if not results.empty else []
-    return {"results": results, "gains": gains, "significance": tests, "attention_mass": mass,
-            "results_md": results_md, "ablation_md": ablation_md, "figures": figures,
+    return {"results": results, "gains": gains, "significance": tests, "attention_mass": mass, "summary": summary,
+            "results_md": results_md, "summary_md": summary_md, "ablation_md": ablation_md, "figures": figures,
             "written": written + figures, "finished": len(results), "cells": len(cells)}
 
 

@@ -14,6 +14,9 @@ OUT/
                    folds, training seconds
   results.md/.tex  macro-F1 mean ± std, a row per model, a column per dataset (+ mean), best in bold; the
                    Markdown one ends with the gains
+  summary.md       one row per cell: macro-F1, AUROC, balanced accuracy, ECE, Brier (mean ± std, best
+                   macro-F1 per dataset in bold) and the mean test attention on positive instances where
+                   the bags have instance labels
   auroc.md, calibration.md   the same grid for AUROC, and for ECE and Brier (lowest in bold)
   gains.csv        best QG-MIL variant vs best baseline per dataset, and their mean
   ablation.md      with full qgmil and at least one one-off variant: each variant's macro-F1 and its change
