@@ -2,6 +2,7 @@
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -284,12 +285,54 @@ def test_tables_without_matplotlib_skip_the_figures_with_a_note(grid, bench_file
     assert (tmp_path / "results.tex").exists() and (tmp_path / "significance.md").exists()
 
 
+def test_demo_is_the_demo_preset_through_the_runner(tmp_path):
+    from qgmil.bench import run_demo
+    from qgmil.bench.demo import demo_spec
+    from qgmil.rundir.config import load_config
+
+    out = tmp_path.resolve()
+    # the preset holds exactly the settings the hand-written demo used, so the README's demo numbers stand
+    cells = plan_cells(demo_spec(), out, progress=True)
+    assert [(c.dataset, c.model) for c in cells] == [
+        (d, m) for d in ("musk1", "elephant", "digit-bags") for m in ("qgmil", "abmil_gated")]
+    for cell in cells:
+        old = load_config(None, [], {
+            "data.builtin": cell.dataset, "data.builtin_options": {"bags": 200} if cell.dataset == "digit-bags" else {},
+            "data.builtin_dir": out / "data" / cell.dataset, "model.name": cell.model, "eval.folds": 5,
+            "eval.seeds": [0], "optim.epochs": 30, "optim.batch_size": 16, "optim.lr": 2e-4, "eval.patience": 10,
+            "eval.min_epochs": 10, "runtime.progress": True, "runtime.tensorboard": False})
+        assert cell.config.model_dump() == old.model_dump()
+        assert cell.run_dir == out / "runs" / cell.dataset / cell.model
+    assert demo_spec().workers == 1
+
+    # a tiny demo: the benchmark's layout and report, with the summary table it prints
+    result = run_demo(out, datasets=["musk1", "digit-bags"], models=["qgmil"], folds=2, epochs=1, progress=False)
+    assert result["failures"] == [] and result["finished"] == 2
+    saved = load_spec(out / "benchmark.yaml")
+    assert [(d.name, d.options) for d in saved.datasets] == [("musk1", {}), ("digit-bags", {"bags": 200})]
+    assert (saved.folds, saved.seeds, saved.train["optim.epochs"], saved.train["optim.lr"]) == (2, [0], 1, 2e-4)
+    summary = result["summary"]
+    assert list(zip(summary["dataset"], summary["model"])) == [("musk1", "qgmil"), ("digit-bags", "qgmil")]
+    assert summary["attention_on_positives"].isna().tolist() == [True, False]  # only digit bags have instance labels
+    mass = pd.read_csv(out / "attention_mass.csv")
+    on_digits = mass.loc[mass["dataset"] == "digit-bags", "attention_on_positives_mean"].item()
+    assert summary["attention_on_positives"].iloc[1] == pytest.approx(on_digits)
+    md = (out / "summary.md").read_text()
+    assert md == result["summary_md"] + "\n"
+    assert "| dataset | model | macro-F1 | AUROC | bal. acc. | ECE | Brier | attention on positives |" in md
+    assert re.search(r"\| musk1 \| qgmil \| \*\*[0-9.]+ ± [0-9.]+\*\* \|.* \|  \|\n", md)
+    assert f"| {on_digits:.3f} |" in md.splitlines()[3]
+    assert (out / "runs" / "digit-bags" / "qgmil" / "summary.json").is_file()
+    assert (out / "data" / "digit-bags" / "labels.csv").is_file()
+    assert "| model | musk1 | digit-bags | mean |" in (out / "results.md").read_text()
+
+
 def test_bench_modules_import_one_way_and_read_runs_through_rundir():
     import qgmil.bench
 
     root = Path(qgmil.bench.__file__).parent
     allowed = {"spec": set(), "tables": {"spec"}, "stats": {"spec", "tables"}, "plots": {"tables"},
-               "report": {"spec", "tables", "stats", "plots"}, "runner": {"spec", "report"}}
+               "report": {"spec", "tables", "stats", "plots"}, "runner": {"spec", "report"}, "demo": {"spec", "runner"}}
     assert {p.stem for p in root.glob("*.py")} == {*allowed, "__init__"}
     for name, ok in allowed.items():
         text = (root / f"{name}.py").read_text()

@@ -98,15 +98,18 @@ def convert_official_cmd(src, dst, variant, in_dim, num_classes, **official):
 @click.option("--seed", default=0, show_default=True)
 def demo(out, datasets, models, folds, epochs, seed):
     """Cross-validate QG-MIL and gated ABMIL on the built-in datasets and print the results (the quick start)."""
-    from pathlib import Path
+    from .bench import run_demo
 
-    from .demo import format_results, run_demo
-
-    table = run_demo(out, datasets.split(",") if datasets else None, models.split(",") if models else None,
-                     folds=folds, epochs=epochs, seed=seed)
-    click.echo("\n" + format_results(table))
-    click.echo(f"\nresults: {Path(out) / 'results.md'} (and results.csv, results.png); "
-               f"one run directory per dataset and model under {out}/")
+    result = run_demo(out, datasets.split(",") if datasets else None, models.split(",") if models else None,
+                      folds=folds, epochs=epochs, seed=seed, echo=click.echo)
+    click.echo("\n" + result["summary_md"])
+    click.echo(f"\nresults: {out}/summary.md (and results.md, results.csv, results.png and the other benchmark "
+               f"tables); one run directory per dataset and model under {out}/runs/")
+    if result["failures"]:
+        click.echo(f"\n{len(result['failures'])} cell(s) failed (tracebacks in {out}/failures.txt):", err=True)
+        for failure in result["failures"]:
+            click.echo(f"  {failure.cell.model} on {failure.cell.dataset}: {failure.error}", err=True)
+        sys.exit(1)
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
   spec.py     what a benchmark is: the spec (YAML, presets/), its cells, and the OUT/ layout
   runner.py   execution: built-in data, training the cells (sequentially or in worker processes), failures
   report.py   the tables and figures of OUT/ (tables.py, stats.py, plots.py), from the finished cells
+  demo.py     `qgmil demo`: the demo preset through the runner
 
-Imports go one way: spec <- report <- runner.
+Imports go one way: spec <- report <- runner <- demo.
 """
 
+from .demo import run_demo
 from .report import build_tables
 from .runner import CellFailure, run_benchmark
 from .spec import (
@@ -19,5 +21,5 @@ from .tables import collect_results
 __all__ = [
     "BenchSpec", "BenchmarkError", "Cell", "CellFailure", "DatasetSpec", "ModelSpec", "build_tables",
     "builtin_spec_text", "collect_results", "expand_models", "load_spec", "paired_comparison", "parse_shard",
-    "plan_cells", "preset_text", "run_benchmark",
+    "plan_cells", "preset_text", "run_benchmark", "run_demo",
 ]

@@ -4,7 +4,7 @@ A benchmark is a grid of cells (model, dataset), in a fixed order (datasets oute
 Each cell is one `train_run` (folds x seeds) into OUT/runs/<dataset>/<model>/; a built-in dataset is
 prepared once in OUT/data/<dataset> (before any cell runs) and shared by all models, so every model
 sees the same bags and, with the same seeds, the same splits. The presets are YAML files shipped in
-qgmil/bench/presets/: `builtin` (`qgmil benchmark --builtin`).
+qgmil/bench/presets/: `builtin` (`qgmil benchmark --builtin`) and `demo` (`qgmil demo`).
 
 OUT/
   benchmark.yaml   the resolved benchmark spec (runner)
@@ -16,7 +16,7 @@ OUT/
                    Markdown one ends with the gains
   summary.md       one row per cell: macro-F1, AUROC, balanced accuracy, ECE, Brier (mean ± std, best
                    macro-F1 per dataset in bold) and the mean test attention on positive instances where
-                   the bags have instance labels
+                   the bags have instance labels (the table `qgmil demo` prints)
   auroc.md, calibration.md   the same grid for AUROC, and for ECE and Brier (lowest in bold)
   gains.csv        best QG-MIL variant vs best baseline per dataset, and their mean
   ablation.md      with full qgmil and at least one one-off variant: each variant's macro-F1 and its change
@@ -43,7 +43,7 @@ from ..rundir.config import ConfigError, RunConfig, format_validation_error, loa
 from ..rundir.directory import RunDir
 
 MODEL_GROUPS = ("ablation", "baselines")
-PRESETS = ("builtin",)  # qgmil/bench/presets/<name>.yaml
+PRESETS = ("builtin", "demo")  # qgmil/bench/presets/<name>.yaml
 
 
 class BenchmarkError(ValueError):
