@@ -1,13 +1,15 @@
 """`qgmil benchmark`: the grid of cells, the tables, rerun/resume, shards and early errors."""
 
+import ast
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from qgmil.bench import BenchSpec, ModelSpec, load_spec, plan_cells
-from qgmil.bench.runner import BenchmarkError, expand_models
+from qgmil.bench import BenchmarkError, BenchSpec, ModelSpec, expand_models, load_spec, plan_cells
 from qgmil.cli import main
 from qgmil.models import ABLATION_SET
 
@@ -171,7 +173,7 @@ def test_groups_order_and_yaml_models(tmp_path):
 
 
 def test_ablation_and_gain_tables_from_results():
-    from qgmil.bench.runner import compute_gains, format_ablation, format_results
+    from qgmil.bench.tables import compute_gains, format_ablation, format_results
 
     rows = [("qgmil", "a", 0.80), ("qgmil_wo_gate", "a", 0.75), ("abmil", "a", 0.78),
             ("qgmil", "b", 0.60), ("qgmil_wo_gate", "b", 0.62), ("abmil", "b", 0.65)]
@@ -244,7 +246,7 @@ def test_workers_match_sequential_and_failures_are_reported(grid, bench_file, tm
 
 
 def test_builtin_preset_resolves_and_flags_override_it(tmp_path):
-    from qgmil.bench.runner import builtin_spec_text
+    from qgmil.bench import builtin_spec_text
 
     spec = load_spec(builtin=True)
     cells = plan_cells(spec, tmp_path)
@@ -281,3 +283,60 @@ def test_tables_without_matplotlib_skip_the_figures_with_a_note(grid, bench_file
     assert tables["finished"] == 3 and tables["figures"] == [] and not list(tmp_path.glob("*.png"))
     assert notes == ["no figures: plotting needs matplotlib: pip install 'qgmil[plots]'"]
     assert (tmp_path / "results.tex").exists() and (tmp_path / "significance.md").exists()
+
+
+def test_demo_is_the_demo_preset_through_the_runner(tmp_path):
+    from qgmil.bench import run_demo
+    from qgmil.bench.demo import demo_spec
+    from qgmil.rundir.config import load_config
+
+    out = tmp_path.resolve()
+    # the preset holds exactly the settings the hand-written demo used, so the README's demo numbers stand
+    cells = plan_cells(demo_spec(), out, progress=True)
+    assert [(c.dataset, c.model) for c in cells] == [
+        (d, m) for d in ("musk1", "elephant", "digit-bags") for m in ("qgmil", "abmil_gated")]
+    for cell in cells:
+        old = load_config(None, [], {
+            "data.builtin": cell.dataset, "data.builtin_options": {"bags": 200} if cell.dataset == "digit-bags" else {},
+            "data.builtin_dir": out / "data" / cell.dataset, "model.name": cell.model, "eval.folds": 5,
+            "eval.seeds": [0], "optim.epochs": 30, "optim.batch_size": 16, "optim.lr": 2e-4, "eval.patience": 10,
+            "eval.min_epochs": 10, "runtime.progress": True, "runtime.tensorboard": False})
+        assert cell.config.model_dump() == old.model_dump()
+        assert cell.run_dir == out / "runs" / cell.dataset / cell.model
+    assert demo_spec().workers == 1
+
+    # a tiny demo: the benchmark's layout and report, with the summary table it prints
+    result = run_demo(out, datasets=["musk1", "digit-bags"], models=["qgmil"], folds=2, epochs=1, progress=False)
+    assert result["failures"] == [] and result["finished"] == 2
+    saved = load_spec(out / "benchmark.yaml")
+    assert [(d.name, d.options) for d in saved.datasets] == [("musk1", {}), ("digit-bags", {"bags": 200})]
+    assert (saved.folds, saved.seeds, saved.train["optim.epochs"], saved.train["optim.lr"]) == (2, [0], 1, 2e-4)
+    summary = result["summary"]
+    assert list(zip(summary["dataset"], summary["model"])) == [("musk1", "qgmil"), ("digit-bags", "qgmil")]
+    assert summary["attention_on_positives"].isna().tolist() == [True, False]  # only digit bags have instance labels
+    mass = pd.read_csv(out / "attention_mass.csv")
+    on_digits = mass.loc[mass["dataset"] == "digit-bags", "attention_on_positives_mean"].item()
+    assert summary["attention_on_positives"].iloc[1] == pytest.approx(on_digits)
+    md = (out / "summary.md").read_text()
+    assert md == result["summary_md"] + "\n"
+    assert "| dataset | model | macro-F1 | AUROC | bal. acc. | ECE | Brier | attention on positives |" in md
+    assert re.search(r"\| musk1 \| qgmil \| \*\*[0-9.]+ ± [0-9.]+\*\* \|.* \|  \|\n", md)
+    assert f"| {on_digits:.3f} |" in md.splitlines()[3]
+    assert (out / "runs" / "digit-bags" / "qgmil" / "summary.json").is_file()
+    assert (out / "data" / "digit-bags" / "labels.csv").is_file()
+    assert "| model | musk1 | digit-bags | mean |" in (out / "results.md").read_text()
+
+
+def test_bench_modules_import_one_way_and_read_runs_through_rundir():
+    import qgmil.bench
+
+    root = Path(qgmil.bench.__file__).parent
+    allowed = {"spec": set(), "tables": {"spec"}, "stats": {"spec", "tables"}, "plots": {"tables"},
+               "report": {"spec", "tables", "stats", "plots"}, "runner": {"spec", "report"}, "demo": {"spec", "runner"}}
+    assert {p.stem for p in root.glob("*.py")} == {*allowed, "__init__"}
+    for name, ok in allowed.items():
+        text = (root / f"{name}.py").read_text()
+        relative = [node for node in ast.walk(ast.parse(text)) if isinstance(node, ast.ImportFrom) and node.level == 1]
+        imported = {n.module for n in relative if n.module} | {a.name for n in relative if not n.module for a in n.names}
+        assert imported <= ok, (name, imported - ok)
+        assert "summary.json" not in text and "metrics.json" not in text and "config.yaml" not in text, name

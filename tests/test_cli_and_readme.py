@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qgmil.demo import run_demo
+from qgmil.bench import run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -71,14 +71,14 @@ def test_cli_unknown_model_pattern_fails_cleanly():
 
 
 def test_demo_learns_digit_bags_and_finds_the_positive_instances(tmp_path):
-    table = run_demo(tmp_path, datasets=["digit-bags"], models=["qgmil"], folds=2, epochs=12, progress=False)
-    row = table.iloc[0]
+    result = run_demo(tmp_path, datasets=["digit-bags"], models=["qgmil"], folds=2, epochs=12, progress=False)
+    row = result["summary"].iloc[0]
     assert row["folds"] == 2 and row["macro_f1_mean"] > 0.8
     # a digit bag holds 8-24 digits of which 1-3 are nines: uniform attention would put ~1/8 on them
-    assert row["attention_on_witnesses"] > 0.25
-    assert "| digit-bags | qgmil | **" in (tmp_path / "results.md").read_text()
+    assert row["attention_on_positives"] > 0.25
+    assert "| digit-bags | qgmil | **" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "digit-bags" / "qgmil" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "digit-bags" / "qgmil" / "summary.json").is_file()
 
 
 def test_cli_datasets_list_and_prepare_with_options(tmp_path):

@@ -9,20 +9,16 @@ number of comparisons.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .spec import Cell
 from .tables import is_qgmil
-
-if TYPE_CHECKING:
-    from .runner import Cell
 
 #: below this many non-zero differences the Wilcoxon test is not reported: with 5 the smallest two-sided
 #: p-value it can give is 2 / 2^5 = 0.0625, so it could never reject
@@ -66,18 +62,6 @@ def paired_comparison(ours: Sequence[float], theirs: Sequence[float]) -> dict:
     return out
 
 
-def fold_scores(run_dir: str | Path, metric: str = "macro_f1") -> dict[tuple[int, int], float]:
-    """(seed, fold) -> the test `metric` of each finished fold of a run (folds/*/metrics.json)."""
-    scores = {}
-    for path in sorted(Path(run_dir).glob("folds/*/metrics.json")):
-        record = json.loads(path.read_text())
-        try:
-            scores[(int(record["seed"]), int(record["fold"]))] = float(record["test"][metric])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: no seed, fold and test.{metric}") from None
-    return scores
-
-
 def significance(cells: list[Cell], results: pd.DataFrame, gains: pd.DataFrame) -> pd.DataFrame:
     """Per dataset with a QG-MIL variant and a baseline: the best QG-MIL variant (as in `gains`) against
     every finished baseline, paired over their common (seed, fold) test folds; then, with >= 2 such
@@ -88,11 +72,11 @@ def significance(cells: list[Cell], results: pd.DataFrame, gains: pd.DataFrame) 
     per_dataset = gains[gains["dataset"] != "mean"]
     for best in per_dataset.itertuples():
         here = {c.model: c for c in finished if c.dataset == best.dataset}
-        ours = fold_scores(here[best.best_qgmil].run_dir)
+        ours = here[best.best_qgmil].rundir.fold_scores()
         for model, cell in here.items():
             if is_qgmil(cell.model_name):
                 continue
-            theirs = fold_scores(cell.run_dir)
+            theirs = cell.rundir.fold_scores()
             keys = sorted(set(ours) & set(theirs))
             rows.append({"dataset": best.dataset, "qgmil": best.best_qgmil, "baseline": model,
                          **paired_comparison([ours[k] for k in keys], [theirs[k] for k in keys])})

@@ -1,22 +1,19 @@
-"""The benchmark's tables: per-cell results, gains, metric grids (Markdown and LaTeX), ablation, attention mass.
+"""The benchmark's tables: per-cell results, gains, metric grids (Markdown and LaTeX), the per-cell summary,
+ablation, attention mass.
 
-Every function here reads finished cells (or a results frame built from them) and returns text or frames;
-`runner.build_tables` writes the files.
+Every function here reads finished cells (through their RunDir) or a results frame built from them and
+returns text or frames; `report.build_tables` writes the files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from ..evaluate.metrics import HIGHER_IS_BETTER
-
-if TYPE_CHECKING:
-    from .runner import Cell
+from .spec import Cell
 
 TABLE_METRICS = ["macro_f1", "auroc", "balanced_accuracy", "ece", "brier"]
 METRIC_NAMES = {"macro_f1": "Macro-F1", "auroc": "AUROC", "balanced_accuracy": "Balanced accuracy", "ece": "ECE",
@@ -34,19 +31,18 @@ def is_qgmil(model_name: str) -> bool:
 
 def collect_results(cells: list[Cell]) -> pd.DataFrame:
     """One row per finished cell: model, model_name, dataset, folds, <metric>_mean / _std, and seconds
-    (training time summed over its folds, from folds/*/metrics.json)."""
+    (training time summed over its folds)."""
     rows = []
     for cell in cells:
         if not cell.finished:
             continue
-        summary = json.loads((cell.run_dir / "summary.json").read_text())
+        summary = cell.rundir.read_summary()
         row = {"model": cell.model, "model_name": cell.model_name, "dataset": cell.dataset,
                "folds": summary.get("macro_f1", {}).get("n", 0)}
         for metric in TABLE_METRICS:
             row[f"{metric}_mean"] = summary.get(metric, {}).get("mean", math.nan)
             row[f"{metric}_std"] = summary.get(metric, {}).get("std", math.nan)
-        row["seconds"] = sum(json.loads(p.read_text()).get("seconds", 0.0)
-                             for p in (cell.run_dir / "folds").glob("*/metrics.json"))
+        row["seconds"] = cell.rundir.training_seconds()
         rows.append(row)
     columns = (["model", "model_name", "dataset", "folds"]
                + [f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")] + ["seconds"])
@@ -193,6 +189,53 @@ def format_metric_tables(results: pd.DataFrame, models: list[str], datasets: lis
         parts.append("\n".join((heading if len(metrics) > 1 else [])
                                + [grid_markdown(metric_grid(results, models, datasets, metric)), "", _footer(metric)]))
     return "\n\n".join(parts)
+
+
+SUMMARY_NAMES = {"macro_f1": "macro-F1", "auroc": "AUROC", "balanced_accuracy": "bal. acc.", "ece": "ECE",
+                 "brier": "Brier"}
+ON_POSITIVES = "attention_on_positives"
+
+
+def summary_table(results: pd.DataFrame, mass: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished cell, in the results' order: dataset, model, model_name, folds, <metric>_mean /
+    _std of TABLE_METRICS, and attention_on_positives, the cell's mean test attention on positive instances
+    (attention_mass's attention_on_positives_mean; NaN where the bags have no instance labels)."""
+    columns = ["dataset", "model", "model_name", "folds"] + [f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")]
+    table = results[columns].reset_index(drop=True)
+    key = f"{ON_POSITIVES}_mean"
+    if not mass.empty and key in mass:
+        on = mass.set_index(["model", "dataset"])[key]
+        table[ON_POSITIVES] = [on.get((m, d), math.nan) for m, d in zip(table["model"], table["dataset"])]
+    else:
+        table[ON_POSITIVES] = math.nan
+    return table
+
+
+def format_summary(table: pd.DataFrame) -> str:
+    """Markdown: one row per cell, mean ± std over folds x seeds, the best macro-F1 per dataset in bold (ties
+    at the shown precision all count); an `attention on positives` column when some cell's bags have
+    instance labels (empty for the others)."""
+    if table.empty:
+        return "No finished cells yet."
+    header = ["dataset", "model", *SUMMARY_NAMES.values()]
+    with_positives = bool(table[ON_POSITIVES].notna().any())
+    if with_positives:
+        header.append("attention on positives")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    shown = table["macro_f1_mean"].round(3)
+    best = shown.groupby(table["dataset"]).transform("max")
+    for (_, row), top, f1 in zip(table.iterrows(), best, shown):
+        cells = [str(row["dataset"]), str(row["model"])]
+        for metric in SUMMARY_NAMES:
+            cell = f"{row[f'{metric}_mean']:.3f} ± {row[f'{metric}_std']:.3f}"
+            cells.append(f"**{cell}**" if metric == "macro_f1" and f1 == top else cell)
+        if with_positives:
+            cells.append("" if pd.isna(row[ON_POSITIVES]) else f"{row[ON_POSITIVES]:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± std over folds x seeds; best macro-F1 per dataset in bold."
+              + (" Attention on positives: mean test pooling attention on a bag's positive instances, over the bags "
+                 "that have them (attention_mass.md)." if with_positives else "")]
+    return "\n".join(lines)
 
 
 def format_ablation(results: pd.DataFrame, datasets: list[str]) -> str | None:
