@@ -190,15 +190,16 @@ def test_batches_never_alias_the_fp32_cache(dataset_dir):
 
 @settings(max_examples=40, deadline=None)
 @given(lengths=st.lists(st.integers(1, 400), min_size=1, max_size=120), budget=st.integers(1, 2000),
-       most=st.one_of(st.none(), st.integers(1, 40)), shuffle=st.booleans(), seed=st.integers(0, 5))
-def test_instance_budget_batches(lengths, budget, most, shuffle, seed):
+       most=st.one_of(st.none(), st.integers(1, 40)), shuffle=st.booleans(), seed=st.integers(0, 5),
+       packed=st.booleans())
+def test_instance_budget_batches(lengths, budget, most, shuffle, seed, packed):
     """Under `batch_instances` every bag comes once per epoch, a batch holds at most `batch_size` bags and its
-    padded size (bags x longest) stays within the budget unless it is one bag longer than the budget; the
-    epoch's step count is what `steps_per_epoch` predicted."""
+    size (padded: bags x longest; packed: the sum of lengths) stays within the budget unless it is one bag
+    longer than the budget; the epoch's step count is what `steps_per_epoch` predicted."""
     from qgmil.data.sampler import BucketBatchSampler
 
     lengths = np.array(lengths)
-    sampler = BucketBatchSampler(lengths, most, batch_instances=budget, shuffle=shuffle, seed=seed)
+    sampler = BucketBatchSampler(lengths, most, batch_instances=budget, packed=packed, shuffle=shuffle, seed=seed)
     for epoch in range(2):
         predicted = sampler.steps_per_epoch(range(epoch, epoch + 1))[0]
         sampler.set_epoch(epoch)
@@ -207,7 +208,8 @@ def test_instance_budget_batches(lengths, budget, most, shuffle, seed):
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
         for b in batches:
             assert most is None or len(b) <= most
-            assert len(b) * lengths[b].max() <= budget or len(b) == 1
+            size = lengths[b].sum() if packed else len(b) * lengths[b].max()
+            assert size <= budget or len(b) == 1
 
 
 def test_instance_budget_packs_small_bags_and_isolates_big_ones():
@@ -218,3 +220,18 @@ def test_instance_budget_packs_small_bags_and_isolates_big_ones():
     assert [len(b) for b in batches] == [100, 100, 1] and padding_fraction(batches, lengths) == 0.0
     fixed = BucketBatchSampler(lengths, 16, seed=3)
     assert list(fixed) == list(BucketBatchSampler(lengths, 16, batch_instances=None, seed=3))
+
+
+def test_packed_batches_hold_the_padded_batches_bags(tmp_path):
+    """pack=True: the same bags per batch as padded batches under the same limits, concatenated in order."""
+    from qgmil.data import MILDataset, make_loader, prepare_dataset
+
+    root = prepare_dataset("digit-bags", tmp_path / "d", bags=30, progress=False)
+    data = MILDataset.from_table(root / "labels.csv", root / "features")
+    padded = list(make_loader(data, 8, train=False))
+    packed = list(make_loader(data, 8, train=False, pack=True))
+    assert len(padded) == len(packed)
+    for a, b in zip(padded, packed):
+        assert a.bag_ids == b.bag_ids and b.lengths.tolist() == a.mask.sum(1).tolist()
+        torch.testing.assert_close(b.x, a.x[a.mask], rtol=0, atol=0)
+        assert torch.equal(b.mask, a.mask)

@@ -1,11 +1,11 @@
-"""Bag data: feature files, dataset tables, patient-level splits, padded batching, built-in datasets."""
+"""Bag data: feature files, dataset tables, patient-level splits, padded or packed batching, built-in datasets."""
 
 from .bagfile import (
     Bag, BagFileError, BagInfo, inspect_bag, read_attrs, read_bag, read_coords, read_extra, read_features,
     write_bag,
 )
 from .builtin import BagDataset, dataset_info, digit_bags, list_datasets, prepare_dataset
-from .collate import BagBatch, collate_bags, pad_bags
+from .collate import BagBatch, PackedBatch, collate_bags, collate_packed, pack_bags, pad_bags
 from .dataset import BagItem, MILDataset
 from .loader import make_loader, set_epoch
 from .sampler import BucketBatchSampler, padding_fraction
@@ -15,7 +15,8 @@ from .validate import DataReport, check_dataset
 
 __all__ = [
     "Bag", "BagBatch", "BagDataset", "BagFileError", "BagInfo", "BagItem", "BucketBatchSampler", "Columns",
-    "DataError", "DataReport", "Fold", "MILDataset", "Splits", "check_dataset", "collate_bags", "dataset_info",
+    "DataError", "DataReport", "Fold", "MILDataset", "PackedBatch", "Splits", "check_dataset", "collate_bags",
+    "collate_packed", "dataset_info", "pack_bags",
     "digit_bags", "list_datasets", "prepare_dataset",
     "inspect_bag", "load_or_make_splits", "make_loader", "make_splits", "pad_bags", "padding_fraction",
     "read_attrs", "read_bag", "read_coords", "read_extra", "read_features", "read_table", "set_epoch",

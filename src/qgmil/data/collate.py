@@ -1,4 +1,5 @@
-"""Batching bags of different sizes: pad to the longest and return a bool mask."""
+"""Batching bags of different sizes: pad to the longest and return a bool mask (`BagBatch`), or concatenate
+them without padding (`PackedBatch`, for models that take packed bags)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,57 @@ class BagBatch:
         """Called by DataLoader(pin_memory=True) for faster host-to-GPU copies."""
         return self._map(torch.Tensor.pin_memory)
 
+    def inputs(self) -> tuple[tuple, dict]:
+        """(args, kwargs) of the model call: model(x, mask)."""
+        return (self.x, self.mask), {}
+
+
+@dataclass
+class PackedBatch:
+    """Bags concatenated without padding. x (T, D) float32 with T = sum of lengths, the rows of bag i at
+    offsets[i]:offsets[i + 1]; lengths (B,) int64; labels (B,) int64 (-1 = unlabelled), index (B,), bag_ids."""
+
+    x: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    bag_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.bag_ids)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, max length) bool: where the padded outputs of a packed model call (attention) are real."""
+        return torch.arange(int(self.lengths.max()), device=self.lengths.device) < self.lengths.unsqueeze(1)
+
+    def _map(self, fn) -> "PackedBatch":
+        return PackedBatch(**{
+            f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)
+        })
+
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PackedBatch":
+        return self._map(torch.Tensor.pin_memory)
+
+    def inputs(self) -> tuple[tuple, dict]:
+        """(args, kwargs) of the model call: model(x, lengths=lengths)."""
+        return (self.x,), {"lengths": self.lengths}
+
+
+def pack_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """bags: list of (N_i, D) -> x (sum N_i, D) concatenated, lengths (B,) int64. One bag: a view, no copy."""
+    if not bags:
+        raise ValueError("pack_bags needs at least one bag")
+    lengths = torch.tensor([b.shape[0] for b in bags], dtype=torch.long)
+    if len(bags) == 1 and torch.utils.data.get_worker_info() is None:
+        return bags[0], lengths
+    x = _empty((int(lengths.sum()), *bags[0].shape[1:]), bags[0])
+    torch.cat(list(bags), out=x)
+    return x, lengths
+
 
 def collate_bags(items: Sequence[BagItem]) -> BagBatch:
     """DataLoader collate_fn for MILDataset items."""
@@ -84,4 +136,16 @@ def collate_bags(items: Sequence[BagItem]) -> BagBatch:
         index=torch.tensor([item.index for item in items], dtype=torch.long),
         bag_ids=[item.bag_id for item in items],
         coords=coords,
+    )
+
+
+def collate_packed(items: Sequence[BagItem]) -> PackedBatch:
+    """DataLoader collate_fn for models that take packed bags (no padding)."""
+    x, lengths = pack_bags([item.features for item in items])
+    return PackedBatch(
+        x=x,
+        lengths=lengths,
+        labels=torch.tensor([item.label for item in items], dtype=torch.long),
+        index=torch.tensor([item.index for item in items], dtype=torch.long),
+        bag_ids=[item.bag_id for item in items],
     )

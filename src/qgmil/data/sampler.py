@@ -13,8 +13,9 @@ class BucketBatchSampler(Sampler[list[int]]):
     """Yields lists of dataset indices.
 
     A batch holds at most `batch_size` bags (None: no limit) and, with `batch_instances`, at most that
-    many padded instances (bags x longest bag, as fairseq's max-tokens), so many small bags share a
-    step while a bag longer than the budget goes alone. Training (shuffle=True): each epoch shuffles
+    many padded instances (bags x longest bag, as fairseq's max-tokens; with `packed`, the sum of their
+    lengths, since packed batches hold no padding), so many small bags share a step while a bag longer
+    than the budget goes alone. Training (shuffle=True): each epoch shuffles
     the bags, cuts them into pools of about `pool_batches` batches, sorts each pool by length, cuts
     batches, and shuffles the batch order; randomness stays while padding shrinks. class_balanced=True draws len(lengths) bags with
     replacement, each class equally likely (for imbalanced data). Evaluation (shuffle=False): all bags
@@ -33,6 +34,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         batch_size: int | None,
         *,
         batch_instances: int | None = None,
+        packed: bool = False,
         shuffle: bool = True,
         class_balanced: bool = False,
         labels: Sequence[int] | None = None,
@@ -52,6 +54,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size = batch_size
         self.batch_instances = batch_instances
+        self.packed = packed
         self.shuffle = shuffle
         self.class_balanced = class_balanced
         self.pool_batches = pool_batches
@@ -77,13 +80,18 @@ class BucketBatchSampler(Sampler[list[int]]):
         """Consecutive batches of `order` (sorted by length), each within both limits."""
         if self.batch_instances is None:
             return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        batches, start = [], 0
+        batches, start, total = [], 0, 0
         most = self.batch_size or len(order)
-        for i in range(1, len(order) + 1):
-            # sorted ascending, so the bag at i - 1 is the longest of order[start:i]
-            if i == len(order) or i - start >= most or (i + 1 - start) * self.lengths[order[i]] > self.batch_instances:
-                batches.append(order[start:i].tolist())
-                start = i
+        for i in range(len(order) + 1):
+            if i > start:  # close order[start:i] before adding bag i if that would break a limit
+                n = int(self.lengths[order[i]]) if i < len(order) else 0
+                # sorted ascending, so bag i would be the longest of the batch
+                size = total + n if self.packed else (i + 1 - start) * n
+                if i == len(order) or i - start >= most or size > self.batch_instances:
+                    batches.append(order[start:i].tolist())
+                    start, total = i, 0
+            if i < len(order):
+                total += int(self.lengths[order[i]])
         return batches
 
     def _pool_size(self) -> int:
