@@ -4,10 +4,10 @@ from .attention import GatedSelfAttention
 from .chunking import map_instances
 from .ffn import MLP, SwiGLU, make_ffn
 from .norm import RMSNorm, make_norm
-from .pooling import GatedAttentionPool, masked_softmax, max_pool, mean_pool, weighted_sum
+from .pooling import AttentionPool, masked_softmax, max_pool, mean_pool, weighted_sum
 
 __all__ = [
-    "GatedAttentionPool",
+    "AttentionPool",
     "GatedSelfAttention",
     "MLP",
     "RMSNorm",

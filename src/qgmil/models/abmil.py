@@ -33,7 +33,7 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import GatedAttentionPool, map_instances, masked_softmax, weighted_sum
+from ..layers import AttentionPool, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
 
@@ -56,27 +56,6 @@ class ABMILConfig(ModelConfig):
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         return self
-
-
-class AttentionPool(nn.Module):
-    """Plain attention pooling (Ilse et al. 2018, eq. 8): a_i = softmax_i(w^T tanh(V h_i)), z = sum_i a_i h_i.
-
-    The non-gated counterpart of `GatedAttentionPool` (same parameter names, same call):
-    x (B, N, D), mask (B, N) or None -> z (B, D), attention (B, N).
-    """
-
-    def __init__(self, dim: int, attn_dim: int):
-        super().__init__()
-        self.attn_v = nn.Linear(dim, attn_dim)
-        self.attn_w = nn.Linear(attn_dim, 1)
-
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Unnormalised attention logits, (B, n, D) -> (B, n)."""
-        return self.attn_w(torch.tanh(self.attn_v(x))).squeeze(-1)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None):
-        attention = masked_softmax(map_instances(self.score, x, chunk=chunk), mask)
-        return weighted_sum(attention, x), attention
 
 
 class ABMILEmbed(nn.Module):
@@ -103,8 +82,8 @@ class ABMIL(MILModel):
         super().__init__(config)
         cfg = config
         self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
-        # GatedAttentionPool without a norm computes exactly eq. 9 (norm = Identity, z = sum a_i h_i).
-        self.pool = GatedAttentionPool(cfg.dim, cfg.attn_dim) if cfg.gated else AttentionPool(cfg.dim, cfg.attn_dim)
+        # One branch, no norm, no dropout: exactly eq. 8 / eq. 9 (z = sum a_i h_i).
+        self.pool = AttentionPool(cfg.dim, cfg.attn_dim, gated=cfg.gated)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
     def forward(

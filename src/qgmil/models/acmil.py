@@ -64,8 +64,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import map_instances, masked_softmax, weighted_sum
-from ..layers.branch_attention import BranchAttention
+from ..layers import AttentionPool, map_instances, masked_softmax, weighted_sum
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
 
@@ -159,7 +158,7 @@ class ACMIL(MILModel):
         super().__init__(config)
         cfg = config
         self.embed = nn.Sequential(nn.Linear(cfg.in_dim, cfg.dim, bias=False), nn.ReLU())
-        self.pool = BranchAttention(cfg.dim, cfg.attn_dim, cfg.n_token)  # official Attention_Gated(L, D, K=T)
+        self.pool = AttentionPool(cfg.dim, cfg.attn_dim, branches=cfg.n_token)  # official Attention_Gated(L, D, K=T)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # Branch heads only train through the branch loss, which needs two branches or more.
         self.branch_heads = nn.ModuleList(
@@ -169,7 +168,7 @@ class ACMIL(MILModel):
 
     def scores(self, h: torch.Tensor, mask: torch.Tensor | None, chunk: int | None = None) -> torch.Tensor:
         """Branch attention logits before STKIM, (B, N, dim) -> (B, T, N), -inf on padding."""
-        s = map_instances(self.pool, h, chunk=chunk).transpose(1, 2)  # (B, T, N)
+        s = self.pool.scores(h, chunk=chunk)  # (B, T, N)
         if mask is not None:
             s = s.masked_fill(~mask[:, None, :], float("-inf"))
         return s

@@ -66,8 +66,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import map_instances, masked_softmax
-from ..layers.branch_attention import BranchAttention
+from ..layers import AttentionPool, map_instances
 from .abmil import ABMILEmbed
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
@@ -149,7 +148,9 @@ class CLAM(MILModel):
         cfg = config
         self.branches = cfg.num_classes if cfg.multi_branch else 1
         self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
-        self.pool = BranchAttention(cfg.dim, cfg.attn_dim, self.branches, cfg.gated, cfg.dropout)  # official Attn_Net(_Gated)
+        self.pool = AttentionPool(  # official Attn_Net(_Gated)
+            cfg.dim, cfg.attn_dim, gated=cfg.gated, branches=self.branches, dropout=cfg.dropout
+        )
         if cfg.multi_branch:
             self.classifiers = nn.ModuleList(nn.Linear(cfg.dim, 1) for _ in range(cfg.num_classes))
         else:
@@ -164,9 +165,7 @@ class CLAM(MILModel):
         x, mask = as_batch(x, mask, self.config.in_dim)
         chunk = None if torch.is_grad_enabled() else self.inference_chunk
         h = map_instances(self.embed, x, chunk=chunk)  # (B, N, dim)
-        scores = map_instances(self.pool, h, chunk=chunk).transpose(1, 2)  # (B, K, N)
-        attention = masked_softmax(scores, None if mask is None else mask.unsqueeze(1))  # (B, K, N)
-        pooled = torch.bmm(attention.to(h.dtype), h)  # (B, K, dim)
+        pooled, attention, scores = self.pool.attend(h, mask, chunk=chunk)  # (B, K, dim), (B, K, N), (B, K, N)
         if self.config.multi_branch:
             weight = torch.cat([c.weight for c in self.classifiers])  # (C, dim)
             bias = torch.cat([c.bias for c in self.classifiers])  # (C,)

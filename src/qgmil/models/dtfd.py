@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import GatedAttentionPool, map_instances
+from ..layers import AttentionPool, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
 
@@ -183,9 +183,9 @@ class DTFDMIL(MILModel):
         super().__init__(config)
         cfg = config
         self.embed = DTFDEmbed(cfg.in_dim, cfg.dim, cfg.res_layers)
-        self.tier1 = GatedAttentionPool(cfg.dim, cfg.attn_dim)  # its scores, softmaxed per pseudo-bag
+        self.tier1 = AttentionPool(cfg.dim, cfg.attn_dim)  # its scores, softmaxed per pseudo-bag
         self.tier1_head = DropoutLinear(cfg.dim, cfg.num_classes, cfg.dropout)
-        self.pool = GatedAttentionPool(cfg.dim, cfg.attn_dim)  # tier 2 over the distilled vectors
+        self.pool = AttentionPool(cfg.dim, cfg.attn_dim)  # tier 2 over the distilled vectors
         self.head = DropoutLinear(cfg.dim, cfg.num_classes, cfg.dropout_tier2)
 
     # ------------------------------------------------------------------------------- pseudo-bags
@@ -272,7 +272,7 @@ class DTFDMIL(MILModel):
         b = x.shape[0]
         chunk = None if torch.is_grad_enabled() else self.inference_chunk
         h = map_instances(self.embed, x, chunk=chunk)  # (B, N, dim)
-        scores = map_instances(self.tier1.score, h, chunk=chunk)  # (B, N)
+        scores = self.tier1.scores(h, chunk=chunk)[:, 0]  # (B, N) tier-1 attention logits
 
         groups = self.split(scores, mask, pseudo_bags)  # (B, N), -1 on padding
         m = cfg.num_groups if pseudo_bags is None else max(int(groups.max()) + 1, 1)

@@ -29,7 +29,7 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import GatedAttentionPool, GatedSelfAttention, make_ffn, make_norm, map_instances, max_pool, mean_pool
+from ..layers import AttentionPool, GatedSelfAttention, make_ffn, make_norm, map_instances, max_pool, mean_pool
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
 
@@ -157,7 +157,7 @@ class QGMIL(MILModel):
         self.final_norm = make_norm(cfg.norm, cfg.dim)
         self.pool = None
         if cfg.pooling == "gated_attention":
-            self.pool = GatedAttentionPool(cfg.dim, cfg.dim // 2, norm=make_norm(cfg.norm, cfg.dim))
+            self.pool = AttentionPool(cfg.dim, cfg.dim // 2, gated=True, norm=make_norm(cfg.norm, cfg.dim))
         self.head = ClassifierHead(cfg.dim, cfg.dim // 2, cfg.num_classes, cfg.dropout)
         self.apply(_init_weights)
 
