@@ -33,7 +33,7 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import AttentionPool, map_instances
+from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
 
@@ -58,19 +58,6 @@ class ABMILConfig(ModelConfig):
         return self
 
 
-class ABMILEmbed(nn.Module):
-    """Linear -> ReLU -> dropout, (B, N, in_dim) -> (B, N, dim)."""
-
-    def __init__(self, in_dim: int, dim: int, dropout: float):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, dim)
-        self.act = nn.ReLU()
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.drop(self.act(self.proj(x)))
-
-
 @register_arch
 class ABMIL(MILModel):
     """ABMIL aggregator. forward(x (B, N, in_dim) or (N, in_dim), mask (B, N) bool or None) -> MILOutput."""
@@ -81,7 +68,7 @@ class ABMIL(MILModel):
     def __init__(self, config: ABMILConfig):
         super().__init__(config)
         cfg = config
-        self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
+        self.embed = InstanceEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
         # One branch, no norm, no dropout: exactly eq. 8 / eq. 9 (z = sum a_i h_i).
         self.pool = AttentionPool(cfg.dim, cfg.attn_dim, gated=cfg.gated)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)

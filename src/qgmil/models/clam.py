@@ -66,8 +66,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import AttentionPool, map_instances
-from .abmil import ABMILEmbed
+from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
 
@@ -147,7 +146,7 @@ class CLAM(MILModel):
         super().__init__(config)
         cfg = config
         self.branches = cfg.num_classes if cfg.multi_branch else 1
-        self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
+        self.embed = InstanceEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
         self.pool = AttentionPool(  # official Attn_Net(_Gated)
             cfg.dim, cfg.attn_dim, gated=cfg.gated, branches=self.branches, dropout=cfg.dropout
         )

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import AttentionPool, map_instances
+from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
 
@@ -135,17 +135,15 @@ class ResidualBlock(nn.Module):
         return x + self.block(x)
 
 
-class DTFDEmbed(nn.Module):
+class DTFDEmbed(InstanceEmbed):
     """Official DimReduction: Linear(in_dim, dim, bias=False) -> ReLU -> residual blocks. (B, N, in) -> (B, N, dim)."""
 
     def __init__(self, in_dim: int, dim: int, res_layers: int):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, dim, bias=False)
-        self.act = nn.ReLU()
+        super().__init__(in_dim, dim, bias=False)  # no dropout
         self.res = nn.Sequential(*(ResidualBlock(dim) for _ in range(res_layers)))
 
     def forward(self, x):
-        return self.res(self.act(self.proj(x)))
+        return self.res(super().forward(x))
 
 
 class DropoutLinear(nn.Module):

@@ -28,8 +28,7 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import map_instances, max_pool, mean_pool
-from .abmil import ABMILEmbed
+from ..layers import InstanceEmbed, map_instances, max_pool, mean_pool
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
 
@@ -62,7 +61,7 @@ class PoolingMIL(MILModel):
     def __init__(self, config: PoolingMILConfig):
         super().__init__(config)
         cfg = config
-        self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
+        self.embed = InstanceEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
     def forward(

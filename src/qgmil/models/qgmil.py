@@ -29,7 +29,16 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import AttentionPool, GatedSelfAttention, make_ffn, make_norm, map_instances, max_pool, mean_pool
+from ..layers import (
+    AttentionPool,
+    ClassifierHead,
+    GatedSelfAttention,
+    make_ffn,
+    make_norm,
+    map_instances,
+    max_pool,
+    mean_pool,
+)
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .registry import register_arch, register_presets
 
@@ -113,8 +122,8 @@ class QGMILBlock(nn.Module):
         return h, weights
 
 
-class InstanceEmbed(nn.Module):
-    """Linear -> norm -> dropout, (B, N, in_dim) -> (B, N, dim)."""
+class NormEmbed(nn.Module):
+    """Linear -> norm -> dropout, (B, N, in_dim) -> (B, N, dim) (the baselines' `layers.InstanceEmbed` has a ReLU there)."""
 
     def __init__(self, in_dim: int, dim: int, norm: str, dropout: float):
         super().__init__()
@@ -124,20 +133,6 @@ class InstanceEmbed(nn.Module):
 
     def forward(self, x):
         return self.drop(self.norm(self.proj(x)))
-
-
-class ClassifierHead(nn.Module):
-    """Linear -> ReLU -> dropout -> Linear, (B, dim) -> (B, num_classes)."""
-
-    def __init__(self, dim: int, hidden: int, num_classes: int, dropout: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.ReLU()
-        self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, num_classes)
-
-    def forward(self, x):
-        return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
 @register_arch
@@ -151,7 +146,7 @@ class QGMIL(MILModel):
     def __init__(self, config: QGMILConfig):
         super().__init__(config)
         cfg = config
-        self.embed = InstanceEmbed(cfg.in_dim, cfg.dim, cfg.norm, cfg.dropout)
+        self.embed = NormEmbed(cfg.in_dim, cfg.dim, cfg.norm, cfg.dropout)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02) if cfg.pooling == "cls" else None
         self.blocks = nn.ModuleList(QGMILBlock(cfg) for _ in range(cfg.depth))
         self.final_norm = make_norm(cfg.norm, cfg.dim)
