@@ -30,32 +30,23 @@ attention scores run in chunks of `inference_chunk` instances, so 100k-instance 
 from __future__ import annotations
 
 import torch
-from pydantic import model_validator
 from torch import nn
 
 from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class ABMILConfig(ModelConfig):
-    dim: int = 512
+    dim: PositiveInt = 512
     """Width of the instance embedding h (the paper's L; 512 as in CLAM's ABMIL-style setup)."""
-    attn_dim: int = 128
+    attn_dim: PositiveInt = 128
     """Hidden width of the attention network (the paper's D = 128)."""
     gated: bool = False
     """Gated attention (eq. 9, with sigmoid(U h) gate) instead of plain tanh attention (eq. 8)."""
-    dropout: float = 0.25
+    dropout: DropoutRate = 0.25
     """Dropout after the instance embedding (CLAM's p = 0.25)."""
-
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("in_dim", "num_classes", "dim", "attn_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        return self
 
 
 @register_arch

@@ -72,54 +72,39 @@ embed.res.i.block.{0,2}, attention.attention_V.0 / attention_U.0 / attention_wei
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
 from torch import nn
 
 from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, LossWeight, NonNegativeInt, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class DTFDConfig(ModelConfig):
-    dim: int = 512
+    dim: PositiveInt = 512
     """Width of the instance embedding (official mDim)."""
-    attn_dim: int = 128
+    attn_dim: PositiveInt = 128
     """Hidden width of both gated attention networks (official D = 128)."""
-    num_groups: int = 4
+    num_groups: PositiveInt = 4
     """Pseudo-bags per bag (official numGroup); a bag of n < num_groups instances gets n."""
     distill: Literal["afs", "maxs", "maxmins"] = "afs"
     """Feature distillation (official distill_type; its default is AFS)."""
-    distill_k: int = 1
+    distill_k: PositiveInt = 1
     """Instances per pseudo-bag for maxs/maxmins (official total_instance // numGroup = 1)."""
-    res_layers: int = 0
+    res_layers: NonNegativeInt = 0
     """Residual blocks after the embedding (official numLayer_Res)."""
-    dropout: float = 0.0
+    dropout: DropoutRate = 0.0
     """Dropout before the tier-1 classifier (official droprate)."""
-    dropout_tier2: float = 0.0
+    dropout_tier2: DropoutRate = 0.0
     """Dropout before the tier-2 classifier (official droprate_2)."""
-    tier1_loss_weight: float = 1.0
+    tier1_loss_weight: LossWeight = 1.0
     """Weight of the tier-1 pseudo-bag CE relative to the bag CE (official: separate losses, 1)."""
     detach_tiers: bool = True
     """The tier-2 loss does not train tier 1 (official); False trains both tiers end to end."""
-
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("in_dim", "num_classes", "dim", "attn_dim", "num_groups", "distill_k"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.res_layers < 0:
-            raise ValueError(f"res_layers must be >= 0, got {self.res_layers}")
-        for key in ("dropout", "dropout_tier2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
-        if not (math.isfinite(self.tier1_loss_weight) and self.tier1_loss_weight >= 0):
-            raise ValueError(f"tier1_loss_weight must be a finite number >= 0, got {self.tier1_loss_weight}")
-        return self
 
 
 class ResidualBlock(nn.Module):

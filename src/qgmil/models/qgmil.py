@@ -40,17 +40,18 @@ from ..layers import (
     mean_pool,
 )
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class QGMILConfig(ModelConfig):
-    dim: int = 512
+    dim: PositiveInt = 512
     """Width of the residual stream (official: embed_dim / hidden_size)."""
-    depth: int = 1
-    heads: int = 8
-    kv_heads: int | None = None
+    depth: PositiveInt = 1
+    heads: PositiveInt = 8
+    kv_heads: PositiveInt | None = None
     """Key/value heads; fewer than `heads` gives grouped-query attention. Default: heads."""
-    head_dim: int | None = None
+    head_dim: PositiveInt | None = None
     """Width of one head. Default dim // heads (the official presets fix it at 512 // heads)."""
     ffn_dim: int | None = None
     """Hidden width of the feed-forward layer. Default 4 * dim (the official presets fix it at 2048)."""
@@ -61,8 +62,8 @@ class QGMILConfig(ModelConfig):
     act: Literal["silu", "gelu", "relu"] = "silu"
     """Activation of the FFN (the SiLU in SwiGLU)."""
     pooling: Literal["gated_attention", "mean", "max", "cls"] = "gated_attention"
-    dropout: float = 0.25
-    attn_dropout: float = 0.0
+    dropout: DropoutRate = 0.25
+    attn_dropout: DropoutRate = 0.0
     qkv_bias: bool = False
     """Biases on the q, k, v, gate and output projections."""
     norm_eps: float = 1e-6
@@ -70,15 +71,10 @@ class QGMILConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        for key in ("in_dim", "num_classes", "dim", "depth", "heads"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.head_dim is None and self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) is not divisible by heads ({self.heads}); set head_dim")
         if self.kv_heads is not None and self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
-            raise ValueError("dropout and attn_dropout must be in [0, 1)")
         return self
 
 
