@@ -1,7 +1,8 @@
 """Bag pooling: instance states (B, N, D) + mask (B, N) -> bag embedding (B, D) + attention (B, N).
 
 Every pooling returns an attention over instances that sums to 1 over the real instances and is
-exactly 0 on padding, so explanations work the same way for every model.
+exactly 0 on padding, so explanations work the same way for every model. `AttentionPool` with K
+branches gives one of each per branch: (B, K, D) + (B, K, N).
 """
 
 from __future__ import annotations
