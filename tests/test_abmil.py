@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import qgmil
-from qgmil.layers import GatedAttentionPool
-from qgmil.models.abmil import ABMIL, ABMILConfig, AttentionPool
+from qgmil.layers import AttentionPool
+from qgmil.models.abmil import ABMIL, ABMILConfig
 
 SMALL = dict(in_dim=16, num_classes=3, dim=32, attn_dim=8, dropout=0.0)
 
@@ -67,7 +67,8 @@ def test_matches_reference_equations(gated, use_mask, pad_value):
 
 def test_gate_parameters_exist_only_when_gated():
     plain, gated = build(gated=False), build(gated=True)
-    assert isinstance(plain.pool, AttentionPool) and isinstance(gated.pool, GatedAttentionPool)
+    assert isinstance(plain.pool, AttentionPool) and isinstance(gated.pool, AttentionPool)  # one block, a flag
+    assert not plain.pool.gated and plain.pool.attn_u is None and gated.pool.gated
     plain_names = {n for n, _ in plain.named_parameters()}
     gated_names = {n for n, _ in gated.named_parameters()}
     assert gated_names - plain_names == {"pool.attn_u.weight", "pool.attn_u.bias"}

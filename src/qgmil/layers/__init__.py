@@ -2,13 +2,17 @@
 
 from .attention import GatedSelfAttention
 from .chunking import map_instances
+from .embedding import InstanceEmbed
 from .ffn import MLP, SwiGLU, make_ffn
+from .head import ClassifierHead
 from .norm import RMSNorm, make_norm
-from .pooling import GatedAttentionPool, masked_softmax, max_pool, mean_pool, weighted_sum
+from .pooling import AttentionPool, masked_softmax, max_pool, mean_pool, weighted_sum
 
 __all__ = [
-    "GatedAttentionPool",
+    "AttentionPool",
+    "ClassifierHead",
     "GatedSelfAttention",
+    "InstanceEmbed",
     "MLP",
     "RMSNorm",
     "SwiGLU",

@@ -1,7 +1,8 @@
 """Bag pooling: instance states (B, N, D) + mask (B, N) -> bag embedding (B, D) + attention (B, N).
 
 Every pooling returns an attention over instances that sums to 1 over the real instances and is
-exactly 0 on padding, so explanations work the same way for every model.
+exactly 0 on padding, so explanations work the same way for every model. `AttentionPool` with K
+branches gives one of each per branch: (B, K, D) + (B, K, N).
 """
 
 from __future__ import annotations
@@ -24,28 +25,77 @@ def weighted_sum(attention: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(attention.unsqueeze(1).to(x.dtype), x).squeeze(1)
 
 
-class GatedAttentionPool(nn.Module):
-    """Gated attention pooling (Ilse et al. 2018): a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i))).
+class AttentionPool(nn.Module):
+    """Attention pooling with one or K branches (Ilse et al. 2018), the scorer of ABMIL, CLAM, ACMIL,
+    DTFD-MIL and QG-MIL.
 
-    `norm` (optional) is applied to the instances first and the pooled vector is a weighted sum
-    of the normalised instances, as in QG-MIL.
+    Scores of instance i (h_i the row of x, after `norm` when given), one per branch k:
+        gated (eq. 9): s_ik = w_k^T (drop(tanh(V h_i)) * drop(sigmoid(U h_i))) + c_k
+        plain (eq. 8): s_ik = w_k^T drop(tanh(V h_i)) + c_k
+    a_k = softmax_i(s_ik) over the real instances (exactly 0 on padding), z_k = sum_i a_ik h_i.
+    The K branches share V (and U); `attn_w` maps attn_dim -> K.
+
+    Args:
+        dim: instance width D.
+        attn_dim: hidden width of the attention network (rows of V and U).
+        gated: add the sigmoid(U h) gate (U exists only then).
+        branches: K, the number of attention branches (CLAM-MB: one per class; ACMIL: its tokens).
+        dropout: dropout after tanh and after sigmoid (CLAM's attention net); 0 = none.
+        norm: applied to the instances first; the pooled vector is then a weighted sum of the
+            *normalised* instances (QG-MIL). Default Identity (not applied).
+
+    Parameters (creation order): norm's, attn_v, attn_u (gated only), attn_w.
+
+    Padded rows never reach the scores of real rows or the attention; the pooled vector reads every
+    row with weight 0 on padding, so padded rows must be finite there (models zero them in `as_batch`).
     """
 
-    def __init__(self, dim: int, attn_dim: int, norm: nn.Module | None = None):
+    def __init__(
+        self,
+        dim: int,
+        attn_dim: int,
+        *,
+        gated: bool = True,
+        branches: int = 1,
+        dropout: float = 0.0,
+        norm: nn.Module | None = None,
+    ):
         super().__init__()
+        self.gated = gated
+        self.branches = branches
         self.norm = norm if norm is not None else nn.Identity()
         self.attn_v = nn.Linear(dim, attn_dim)
-        self.attn_u = nn.Linear(dim, attn_dim)
-        self.attn_w = nn.Linear(attn_dim, 1)
+        self.attn_u = nn.Linear(dim, attn_dim) if gated else None
+        self.attn_w = nn.Linear(attn_dim, branches)
+        self.drop = nn.Dropout(dropout)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Unnormalised attention logits, (B, n, D) -> (B, n)."""
-        return self.attn_w(torch.tanh(self.attn_v(x)) * torch.sigmoid(self.attn_u(x))).squeeze(-1)
+        """Unnormalised attention logits of already normalised instances, position-wise: (B, n, D) -> (B, n, K)."""
+        inner = self.drop(torch.tanh(self.attn_v(x)))
+        if self.attn_u is not None:
+            inner = inner * self.drop(torch.sigmoid(self.attn_u(x)))
+        return self.attn_w(inner)
+
+    def scores(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """`score` over the bag, `chunk` instances at a time when set: (B, N, D) -> (B, K, N). No norm, no mask."""
+        return map_instances(self.score, x, chunk=chunk).transpose(1, 2)
+
+    def attend(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None):
+        """Every branch: x (B, N, D), mask (B, N) bool (True = real) or None ->
+        pooled (B, K, D), attention (B, K, N), scores (B, K, N) (the logits, padding not masked)."""
+        if not isinstance(self.norm, nn.Identity):
+            x = map_instances(self.norm, x, chunk=chunk)
+        scores = self.scores(x, chunk)
+        attention = masked_softmax(scores, None if mask is None else mask.unsqueeze(1))
+        return torch.bmm(attention.to(x.dtype), x), attention, scores
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None):
-        x = map_instances(self.norm, x, chunk=chunk)
-        attention = masked_softmax(map_instances(self.score, x, chunk=chunk), mask)
-        return weighted_sum(attention, x), attention
+        """x (B, N, D), mask (B, N) or None -> pooled (B, D), attention (B, N) with one branch;
+        (B, K, D), (B, K, N) with K > 1. `chunk`: score (and normalise) that many instances at a time."""
+        pooled, attention, _ = self.attend(x, mask, chunk)
+        if self.branches == 1:
+            return pooled.squeeze(1), attention.squeeze(1)
+        return pooled, attention
 
 
 def mean_pool(x: torch.Tensor, mask: torch.Tensor | None = None):

@@ -30,66 +30,23 @@ attention scores run in chunks of `inference_chunk` instances, so 100k-instance 
 from __future__ import annotations
 
 import torch
-from pydantic import model_validator
 from torch import nn
 
-from ..layers import GatedAttentionPool, map_instances, masked_softmax, weighted_sum
+from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class ABMILConfig(ModelConfig):
-    dim: int = 512
+    dim: PositiveInt = 512
     """Width of the instance embedding h (the paper's L; 512 as in CLAM's ABMIL-style setup)."""
-    attn_dim: int = 128
+    attn_dim: PositiveInt = 128
     """Hidden width of the attention network (the paper's D = 128)."""
     gated: bool = False
     """Gated attention (eq. 9, with sigmoid(U h) gate) instead of plain tanh attention (eq. 8)."""
-    dropout: float = 0.25
+    dropout: DropoutRate = 0.25
     """Dropout after the instance embedding (CLAM's p = 0.25)."""
-
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("in_dim", "num_classes", "dim", "attn_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        return self
-
-
-class AttentionPool(nn.Module):
-    """Plain attention pooling (Ilse et al. 2018, eq. 8): a_i = softmax_i(w^T tanh(V h_i)), z = sum_i a_i h_i.
-
-    The non-gated counterpart of `GatedAttentionPool` (same parameter names, same call):
-    x (B, N, D), mask (B, N) or None -> z (B, D), attention (B, N).
-    """
-
-    def __init__(self, dim: int, attn_dim: int):
-        super().__init__()
-        self.attn_v = nn.Linear(dim, attn_dim)
-        self.attn_w = nn.Linear(attn_dim, 1)
-
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Unnormalised attention logits, (B, n, D) -> (B, n)."""
-        return self.attn_w(torch.tanh(self.attn_v(x))).squeeze(-1)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None):
-        attention = masked_softmax(map_instances(self.score, x, chunk=chunk), mask)
-        return weighted_sum(attention, x), attention
-
-
-class ABMILEmbed(nn.Module):
-    """Linear -> ReLU -> dropout, (B, N, in_dim) -> (B, N, dim)."""
-
-    def __init__(self, in_dim: int, dim: int, dropout: float):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, dim)
-        self.act = nn.ReLU()
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.drop(self.act(self.proj(x)))
 
 
 @register_arch
@@ -102,9 +59,9 @@ class ABMIL(MILModel):
     def __init__(self, config: ABMILConfig):
         super().__init__(config)
         cfg = config
-        self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
-        # GatedAttentionPool without a norm computes exactly eq. 9 (norm = Identity, z = sum a_i h_i).
-        self.pool = GatedAttentionPool(cfg.dim, cfg.attn_dim) if cfg.gated else AttentionPool(cfg.dim, cfg.attn_dim)
+        self.embed = InstanceEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
+        # One branch, no norm, no dropout: exactly eq. 8 / eq. 9 (z = sum a_i h_i).
+        self.pool = AttentionPool(cfg.dim, cfg.attn_dim, gated=cfg.gated)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
     def forward(

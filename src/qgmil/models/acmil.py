@@ -57,51 +57,33 @@ scores run in chunks of `inference_chunk` instances, so 100k-instance bags stay 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
 from torch import nn
 
-from ..layers import map_instances, masked_softmax, weighted_sum
-from ..layers.branch_attention import BranchAttention
+from ..layers import AttentionPool, map_instances, masked_softmax, weighted_sum
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, Fraction, LossWeight, NonNegativeInt, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class ACMILConfig(ModelConfig):
-    dim: int = 512
+    dim: PositiveInt = 512
     """Width of the instance embedding (official D_inner)."""
-    attn_dim: int = 128
+    attn_dim: PositiveInt = 128
     """Hidden width of the gated attention network (official D = 128)."""
-    n_token: int = 5
+    n_token: PositiveInt = 5
     """Number of attention branches (MBA), each with its own classifier when > 1."""
-    n_masked_patch: int = 10
+    n_masked_patch: NonNegativeInt = 10
     """STKIM's K: masking draws among each branch's top-K instances (0 switches STKIM off)."""
-    mask_drop: float = 0.6
+    mask_drop: Fraction = 0.6
     """STKIM's masking ratio: floor(min(K, n) * mask_drop) of the top-K are masked."""
-    dropout: float = 0.0
+    dropout: DropoutRate = 0.0
     """Dropout on the pooled features before every classifier (official droprate, 0)."""
-    branch_loss_weight: float = 1.0
+    branch_loss_weight: LossWeight = 1.0
     """Weight of the branch cross-entropy relative to the bag cross-entropy (official: 1)."""
-    diversity_weight: float = 1.0
+    diversity_weight: LossWeight = 1.0
     """Weight of the attention diversity loss relative to the bag cross-entropy (official: 1)."""
-
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("in_dim", "num_classes", "dim", "attn_dim", "n_token"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.n_masked_patch < 0:
-            raise ValueError(f"n_masked_patch must be >= 0, got {self.n_masked_patch}")
-        for key in ("mask_drop", "dropout"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
-        for key in ("branch_loss_weight", "diversity_weight"):
-            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
-                raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)}")
-        return self
 
 
 def stkim_mask(scores: torch.Tensor, n_real: torch.Tensor, k: int, mask_drop: float) -> torch.Tensor | None:
@@ -159,7 +141,7 @@ class ACMIL(MILModel):
         super().__init__(config)
         cfg = config
         self.embed = nn.Sequential(nn.Linear(cfg.in_dim, cfg.dim, bias=False), nn.ReLU())
-        self.pool = BranchAttention(cfg.dim, cfg.attn_dim, cfg.n_token)  # official Attention_Gated(L, D, K=T)
+        self.pool = AttentionPool(cfg.dim, cfg.attn_dim, branches=cfg.n_token)  # official Attention_Gated(L, D, K=T)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # Branch heads only train through the branch loss, which needs two branches or more.
         self.branch_heads = nn.ModuleList(
@@ -169,7 +151,7 @@ class ACMIL(MILModel):
 
     def scores(self, h: torch.Tensor, mask: torch.Tensor | None, chunk: int | None = None) -> torch.Tensor:
         """Branch attention logits before STKIM, (B, N, dim) -> (B, T, N), -inf on padding."""
-        s = map_instances(self.pool, h, chunk=chunk).transpose(1, 2)  # (B, T, N)
+        s = self.pool.scores(h, chunk=chunk)  # (B, T, N)
         if mask is not None:
             s = s.masked_fill(~mask[:, None, :], float("-inf"))
         return s

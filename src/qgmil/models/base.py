@@ -9,6 +9,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from .fields import PositiveInt
+
 
 @dataclass
 class MILOutput:
@@ -37,8 +39,8 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    in_dim: int
-    num_classes: int
+    in_dim: PositiveInt
+    num_classes: PositiveInt
 
 
 def as_batch(x: torch.Tensor, mask: torch.Tensor | None, in_dim: int):

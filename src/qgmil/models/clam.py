@@ -61,53 +61,43 @@ initialisation (the current official model code calls no custom init).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import Field
 from torch import nn
 
-from ..layers import map_instances, masked_softmax
-from ..layers.branch_attention import BranchAttention
-from .abmil import ABMILEmbed
+from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, LossWeight, PositiveInt
 from .registry import register_arch, register_presets
 
 OFFICIAL_BAG_WEIGHT = 0.7
 
 
 class CLAMConfig(ModelConfig):
+    num_classes: Annotated[int, Field(ge=2)]
+    """At least 2: CLAM has one instance classifier per class."""
     multi_branch: bool = False
     """CLAM-MB (one attention branch and one bag classifier per class) instead of CLAM-SB."""
-    dim: int = 512
+    dim: PositiveInt = 512
     """Width of the instance embedding h (official size "small"/"big": 512)."""
-    attn_dim: int = 256
+    attn_dim: PositiveInt = 256
     """Hidden width of the attention net (official "small": 256, "big": 384)."""
     gated: bool = True
     """Gated attention net (official default, `gate=True`) instead of plain tanh attention."""
-    dropout: float = 0.25
+    dropout: DropoutRate = 0.25
     """Dropout after the instance embedding and inside the attention net (official `--drop_out 0.25`)."""
-    k_sample: int = 8
+    k_sample: PositiveInt = 8
     """Instances taken from each end of the attention ranking for the instance loss (official `--B 8`);
     capped per bag at n_real // 2."""
     subtyping: bool = False
     """Also train the other classes' instance classifiers with the top-k as negatives (official flag,
     meant for mutually exclusive subtypes)."""
-    inst_weight: float = (1 - OFFICIAL_BAG_WEIGHT) / OFFICIAL_BAG_WEIGHT
+    inst_weight: LossWeight = (1 - OFFICIAL_BAG_WEIGHT) / OFFICIAL_BAG_WEIGHT
     """Weight of the instance loss relative to the bag loss 1 (official bag_weight 0.7 -> 0.3 / 0.7);
     0 turns the instance loss off (the official `--no_inst_cluster`)."""
-
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("in_dim", "dim", "attn_dim", "k_sample"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.num_classes < 2:
-            raise ValueError(f"CLAM needs num_classes >= 2 (one instance classifier per class), got {self.num_classes}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.inst_weight < 0:
-            raise ValueError(f"inst_weight must be >= 0, got {self.inst_weight}")
-        return self
 
 
 def top_bottom_instances(scores: torch.Tensor, mask: torch.Tensor | None, k_sample: int):
@@ -148,8 +138,10 @@ class CLAM(MILModel):
         super().__init__(config)
         cfg = config
         self.branches = cfg.num_classes if cfg.multi_branch else 1
-        self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
-        self.pool = BranchAttention(cfg.dim, cfg.attn_dim, self.branches, cfg.gated, cfg.dropout)  # official Attn_Net(_Gated)
+        self.embed = InstanceEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
+        self.pool = AttentionPool(  # official Attn_Net(_Gated)
+            cfg.dim, cfg.attn_dim, gated=cfg.gated, branches=self.branches, dropout=cfg.dropout
+        )
         if cfg.multi_branch:
             self.classifiers = nn.ModuleList(nn.Linear(cfg.dim, 1) for _ in range(cfg.num_classes))
         else:
@@ -164,9 +156,7 @@ class CLAM(MILModel):
         x, mask = as_batch(x, mask, self.config.in_dim)
         chunk = None if torch.is_grad_enabled() else self.inference_chunk
         h = map_instances(self.embed, x, chunk=chunk)  # (B, N, dim)
-        scores = map_instances(self.pool, h, chunk=chunk).transpose(1, 2)  # (B, K, N)
-        attention = masked_softmax(scores, None if mask is None else mask.unsqueeze(1))  # (B, K, N)
-        pooled = torch.bmm(attention.to(h.dtype), h)  # (B, K, dim)
+        pooled, attention, scores = self.pool.attend(h, mask, chunk=chunk)  # (B, K, dim), (B, K, N), (B, K, N)
         if self.config.multi_branch:
             weight = torch.cat([c.weight for c in self.classifiers])  # (C, dim)
             bias = torch.cat([c.bias for c in self.classifiers])  # (C,)

@@ -73,45 +73,31 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
 from torch import nn
 
 from ..layers import map_instances, masked_softmax
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, LossWeight, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class DSMILConfig(ModelConfig):
-    embed_dim: int | None = None
+    embed_dim: PositiveInt | None = None
     """Width of an instance embedding Linear -> ReLU before both streams; None: none (official)."""
-    dropout: float = 0.0
+    dropout: DropoutRate = 0.0
     """Dropout after the instance embedding (only with embed_dim)."""
-    q_dim: int = 128
+    q_dim: PositiveInt = 128
     """Width of the queries (official 128)."""
     nonlinear_q: bool = True
     """Q = Linear -> ReLU -> Linear -> Tanh (official default, `--non_linearity 1`); False: one Linear."""
     passing_v: bool = False
     """V = Dropout -> Linear(in_dim, in_dim) -> ReLU instead of the identity (official default False)."""
-    dropout_v: float = 0.0
+    dropout_v: DropoutRate = 0.0
     """Dropout in V when `passing_v` (official `--dropout_node`, 0)."""
-    instance_loss_weight: float = 1.0
+    instance_loss_weight: LossWeight = 1.0
     """Weight of the max-pooling CE relative to the bag CE (official 0.5 : 0.5, i.e. 1)."""
     eval_combine: Literal["mean_prob", "bag", "mean_logit"] = "mean_prob"
     """Eval-mode prediction: mean of the two streams' probabilities (official), bag stream, mean logit."""
-
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("in_dim", "num_classes", "q_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.embed_dim is not None and self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be >= 1 or None, got {self.embed_dim}")
-        for key in ("dropout", "dropout_v"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
-        if not (math.isfinite(self.instance_loss_weight) and self.instance_loss_weight >= 0):
-            raise ValueError(f"instance_loss_weight must be a finite number >= 0, got {self.instance_loss_weight}")
-        return self
 
 
 def bag_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

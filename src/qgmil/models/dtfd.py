@@ -72,54 +72,39 @@ embed.res.i.block.{0,2}, attention.attention_V.0 / attention_U.0 / attention_wei
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
 from torch import nn
 
-from ..layers import GatedAttentionPool, map_instances
+from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, LossWeight, NonNegativeInt, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class DTFDConfig(ModelConfig):
-    dim: int = 512
+    dim: PositiveInt = 512
     """Width of the instance embedding (official mDim)."""
-    attn_dim: int = 128
+    attn_dim: PositiveInt = 128
     """Hidden width of both gated attention networks (official D = 128)."""
-    num_groups: int = 4
+    num_groups: PositiveInt = 4
     """Pseudo-bags per bag (official numGroup); a bag of n < num_groups instances gets n."""
     distill: Literal["afs", "maxs", "maxmins"] = "afs"
     """Feature distillation (official distill_type; its default is AFS)."""
-    distill_k: int = 1
+    distill_k: PositiveInt = 1
     """Instances per pseudo-bag for maxs/maxmins (official total_instance // numGroup = 1)."""
-    res_layers: int = 0
+    res_layers: NonNegativeInt = 0
     """Residual blocks after the embedding (official numLayer_Res)."""
-    dropout: float = 0.0
+    dropout: DropoutRate = 0.0
     """Dropout before the tier-1 classifier (official droprate)."""
-    dropout_tier2: float = 0.0
+    dropout_tier2: DropoutRate = 0.0
     """Dropout before the tier-2 classifier (official droprate_2)."""
-    tier1_loss_weight: float = 1.0
+    tier1_loss_weight: LossWeight = 1.0
     """Weight of the tier-1 pseudo-bag CE relative to the bag CE (official: separate losses, 1)."""
     detach_tiers: bool = True
     """The tier-2 loss does not train tier 1 (official); False trains both tiers end to end."""
-
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("in_dim", "num_classes", "dim", "attn_dim", "num_groups", "distill_k"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.res_layers < 0:
-            raise ValueError(f"res_layers must be >= 0, got {self.res_layers}")
-        for key in ("dropout", "dropout_tier2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
-        if not (math.isfinite(self.tier1_loss_weight) and self.tier1_loss_weight >= 0):
-            raise ValueError(f"tier1_loss_weight must be a finite number >= 0, got {self.tier1_loss_weight}")
-        return self
 
 
 class ResidualBlock(nn.Module):
@@ -135,17 +120,15 @@ class ResidualBlock(nn.Module):
         return x + self.block(x)
 
 
-class DTFDEmbed(nn.Module):
+class DTFDEmbed(InstanceEmbed):
     """Official DimReduction: Linear(in_dim, dim, bias=False) -> ReLU -> residual blocks. (B, N, in) -> (B, N, dim)."""
 
     def __init__(self, in_dim: int, dim: int, res_layers: int):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, dim, bias=False)
-        self.act = nn.ReLU()
+        super().__init__(in_dim, dim, bias=False)  # no dropout
         self.res = nn.Sequential(*(ResidualBlock(dim) for _ in range(res_layers)))
 
     def forward(self, x):
-        return self.res(self.act(self.proj(x)))
+        return self.res(super().forward(x))
 
 
 class DropoutLinear(nn.Module):
@@ -183,9 +166,9 @@ class DTFDMIL(MILModel):
         super().__init__(config)
         cfg = config
         self.embed = DTFDEmbed(cfg.in_dim, cfg.dim, cfg.res_layers)
-        self.tier1 = GatedAttentionPool(cfg.dim, cfg.attn_dim)  # its scores, softmaxed per pseudo-bag
+        self.tier1 = AttentionPool(cfg.dim, cfg.attn_dim)  # its scores, softmaxed per pseudo-bag
         self.tier1_head = DropoutLinear(cfg.dim, cfg.num_classes, cfg.dropout)
-        self.pool = GatedAttentionPool(cfg.dim, cfg.attn_dim)  # tier 2 over the distilled vectors
+        self.pool = AttentionPool(cfg.dim, cfg.attn_dim)  # tier 2 over the distilled vectors
         self.head = DropoutLinear(cfg.dim, cfg.num_classes, cfg.dropout_tier2)
 
     # ------------------------------------------------------------------------------- pseudo-bags
@@ -272,7 +255,7 @@ class DTFDMIL(MILModel):
         b = x.shape[0]
         chunk = None if torch.is_grad_enabled() else self.inference_chunk
         h = map_instances(self.embed, x, chunk=chunk)  # (B, N, dim)
-        scores = map_instances(self.tier1.score, h, chunk=chunk)  # (B, N)
+        scores = self.tier1.scores(h, chunk=chunk)[:, 0]  # (B, N) tier-1 attention logits
 
         groups = self.split(scores, mask, pseudo_bags)  # (B, N), -1 on padding
         m = cfg.num_groups if pseudo_bags is None else max(int(groups.max()) + 1, 1)

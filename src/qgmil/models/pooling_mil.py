@@ -25,31 +25,21 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import model_validator
 from torch import nn
 
-from ..layers import map_instances, max_pool, mean_pool
-from .abmil import ABMILEmbed
+from ..layers import InstanceEmbed, map_instances, max_pool, mean_pool
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class PoolingMILConfig(ModelConfig):
     pooling: Literal["mean", "max"] = "mean"
     """Masked mean or channel-wise masked max over the real instances."""
-    dim: int = 512
+    dim: PositiveInt = 512
     """Width of the instance embedding."""
-    dropout: float = 0.25
+    dropout: DropoutRate = 0.25
     """Dropout after the instance embedding."""
-
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("in_dim", "num_classes", "dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        return self
 
 
 @register_arch
@@ -62,7 +52,7 @@ class PoolingMIL(MILModel):
     def __init__(self, config: PoolingMILConfig):
         super().__init__(config)
         cfg = config
-        self.embed = ABMILEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
+        self.embed = InstanceEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
     def forward(

@@ -29,19 +29,29 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from ..layers import GatedAttentionPool, GatedSelfAttention, make_ffn, make_norm, map_instances, max_pool, mean_pool
+from ..layers import (
+    AttentionPool,
+    ClassifierHead,
+    GatedSelfAttention,
+    make_ffn,
+    make_norm,
+    map_instances,
+    max_pool,
+    mean_pool,
+)
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class QGMILConfig(ModelConfig):
-    dim: int = 512
+    dim: PositiveInt = 512
     """Width of the residual stream (official: embed_dim / hidden_size)."""
-    depth: int = 1
-    heads: int = 8
-    kv_heads: int | None = None
+    depth: PositiveInt = 1
+    heads: PositiveInt = 8
+    kv_heads: PositiveInt | None = None
     """Key/value heads; fewer than `heads` gives grouped-query attention. Default: heads."""
-    head_dim: int | None = None
+    head_dim: PositiveInt | None = None
     """Width of one head. Default dim // heads (the official presets fix it at 512 // heads)."""
     ffn_dim: int | None = None
     """Hidden width of the feed-forward layer. Default 4 * dim (the official presets fix it at 2048)."""
@@ -52,8 +62,8 @@ class QGMILConfig(ModelConfig):
     act: Literal["silu", "gelu", "relu"] = "silu"
     """Activation of the FFN (the SiLU in SwiGLU)."""
     pooling: Literal["gated_attention", "mean", "max", "cls"] = "gated_attention"
-    dropout: float = 0.25
-    attn_dropout: float = 0.0
+    dropout: DropoutRate = 0.25
+    attn_dropout: DropoutRate = 0.0
     qkv_bias: bool = False
     """Biases on the q, k, v, gate and output projections."""
     norm_eps: float = 1e-6
@@ -61,15 +71,10 @@ class QGMILConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        for key in ("in_dim", "num_classes", "dim", "depth", "heads"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.head_dim is None and self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) is not divisible by heads ({self.heads}); set head_dim")
         if self.kv_heads is not None and self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
-            raise ValueError("dropout and attn_dropout must be in [0, 1)")
         return self
 
 
@@ -113,8 +118,8 @@ class QGMILBlock(nn.Module):
         return h, weights
 
 
-class InstanceEmbed(nn.Module):
-    """Linear -> norm -> dropout, (B, N, in_dim) -> (B, N, dim)."""
+class NormEmbed(nn.Module):
+    """Linear -> norm -> dropout, (B, N, in_dim) -> (B, N, dim) (the baselines' `layers.InstanceEmbed` has a ReLU there)."""
 
     def __init__(self, in_dim: int, dim: int, norm: str, dropout: float):
         super().__init__()
@@ -124,20 +129,6 @@ class InstanceEmbed(nn.Module):
 
     def forward(self, x):
         return self.drop(self.norm(self.proj(x)))
-
-
-class ClassifierHead(nn.Module):
-    """Linear -> ReLU -> dropout -> Linear, (B, dim) -> (B, num_classes)."""
-
-    def __init__(self, dim: int, hidden: int, num_classes: int, dropout: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.ReLU()
-        self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, num_classes)
-
-    def forward(self, x):
-        return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
 @register_arch
@@ -151,13 +142,13 @@ class QGMIL(MILModel):
     def __init__(self, config: QGMILConfig):
         super().__init__(config)
         cfg = config
-        self.embed = InstanceEmbed(cfg.in_dim, cfg.dim, cfg.norm, cfg.dropout)
+        self.embed = NormEmbed(cfg.in_dim, cfg.dim, cfg.norm, cfg.dropout)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02) if cfg.pooling == "cls" else None
         self.blocks = nn.ModuleList(QGMILBlock(cfg) for _ in range(cfg.depth))
         self.final_norm = make_norm(cfg.norm, cfg.dim)
         self.pool = None
         if cfg.pooling == "gated_attention":
-            self.pool = GatedAttentionPool(cfg.dim, cfg.dim // 2, norm=make_norm(cfg.norm, cfg.dim))
+            self.pool = AttentionPool(cfg.dim, cfg.dim // 2, gated=True, norm=make_norm(cfg.norm, cfg.dim))
         self.head = ClassifierHead(cfg.dim, cfg.dim // 2, cfg.num_classes, cfg.dropout)
         self.apply(_init_weights)
 

@@ -72,46 +72,41 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import field_validator
 from torch import nn
 
 from ..layers import map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .fields import DropoutRate, NonNegativeInt, PositiveInt
 from .registry import register_arch, register_presets
 
 
 class TransMILConfig(ModelConfig):
-    dim: int = 512
+    dim: PositiveInt = 512
     """Token width after _fc1 (official 512)."""
-    heads: int = 8
+    heads: PositiveInt = 8
     """Attention heads (official 8)."""
-    dim_head: int = 64
+    dim_head: PositiveInt = 64
     """Width of one head (official dim // 8 = 64)."""
-    num_landmarks: int = 256
+    num_landmarks: PositiveInt = 256
     """Nystrom landmarks m (official dim // 2 = 256)."""
-    pinv_iterations: int = 6
+    pinv_iterations: NonNegativeInt = 6
     """Moore-Penrose iterations for pinv(attn2) (official 6)."""
-    residual_kernel: int = 33
+    residual_kernel: PositiveInt = 33
     """Length of the depthwise residual conv on the values along the sequence (lucidrains' default 33)."""
-    dropout: float = 0.1
+    dropout: DropoutRate = 0.1
     """Dropout on the attention output (official NystromAttention(dropout=0.1))."""
     legacy_nystrom_slice: bool = False
     """Reproduce nystrom-attention 0.0.9, which the official requirements pin: each attention keeps the outputs
     of the first n positions of the front-padded sequence (out[:, :n], the padding's outputs first) instead of
     the last n. Only for weights trained under that version; off, the algorithm is the fixed one (0.0.11+)."""
 
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("in_dim", "num_classes", "dim", "heads", "dim_head", "num_landmarks", "residual_kernel"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.pinv_iterations < 0:
-            raise ValueError(f"pinv_iterations must be >= 0, got {self.pinv_iterations}")
-        if self.residual_kernel % 2 == 0:
-            raise ValueError(f"residual_kernel must be odd (same-length conv), got {self.residual_kernel}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        return self
+    @field_validator("residual_kernel")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be odd (a same-length conv)")
+        return value
 
 
 def moore_penrose_iter_pinv(x: torch.Tensor, iters: int) -> torch.Tensor:
