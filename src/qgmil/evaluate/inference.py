@@ -28,19 +28,21 @@ class Inference:
 
 
 def infer(model: MILModel, data: MILDataset, ctx: Dist | None = None, *, batch_size: int | None = 1,
-          batch_instances: int | None = None, dtype: torch.dtype | None = None, attention: bool = False, num_workers: int = 0,
+          batch_instances: int | None = None, pack: bool = True, dtype: torch.dtype | None = None,
+          attention: bool = False, num_workers: int = 0,
           classes: list[str] | None = None, progress: bool = False, desc: str | None = None) -> Inference:
     """Score every bag of `data` with `model` (eval mode, no gradient, autocast to `dtype` if given).
 
-    Batches: at most `batch_size` bags and `batch_instances` padded instances (see `make_loader`).
+    Batches: at most `batch_size` bags and `batch_instances` instances (see `make_loader`), packed (no padding)
+    when `pack` and the model takes packed bags.
     Under torchrun every rank scores its share of each batch and the results are gathered on all ranks.
     `classes` name the branches of models whose branch k is class k's.
     """
     from tqdm.auto import tqdm
 
     ctx = ctx or Dist(device=next(model.parameters()).device)
-    loader = make_loader(data, batch_size, batch_instances=batch_instances, train=False, num_replicas=ctx.world,
-                         rank=ctx.rank, num_workers=num_workers)
+    loader = make_loader(data, batch_size, batch_instances=batch_instances, train=False, pack=pack and model.packable,
+                         num_replicas=ctx.world, rank=ctx.rank, num_workers=num_workers)
     plan = loader.batch_sampler.step_plan()
     results: dict[int, tuple] = {}
     model.eval()
@@ -50,8 +52,9 @@ def infer(model: MILModel, data: MILDataset, ctx: Dist | None = None, *, batch_s
             if stand_in:
                 continue
             batch = batch.to(ctx.device)
+            args, packed = batch.inputs()
             with autocast(ctx.device, dtype):
-                out = model(batch.x, batch.mask)
+                out = model(*args, **packed)
             probs = out.logits.float().softmax(-1).cpu().numpy()
             att = out.attention.float().cpu().numpy() if attention else None
             branches = None

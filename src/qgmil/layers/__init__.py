@@ -7,6 +7,7 @@ from .ffn import MLP, SwiGLU, make_ffn
 from .head import ClassifierHead
 from .norm import RMSNorm, make_norm
 from .pooling import AttentionPool, masked_softmax, max_pool, mean_pool, weighted_sum
+from .segments import Segments, segment_attention
 
 __all__ = [
     "AttentionPool",
@@ -15,6 +16,7 @@ __all__ = [
     "InstanceEmbed",
     "MLP",
     "RMSNorm",
+    "Segments",
     "SwiGLU",
     "make_ffn",
     "make_norm",
@@ -22,5 +24,6 @@ __all__ = [
     "masked_softmax",
     "max_pool",
     "mean_pool",
+    "segment_attention",
     "weighted_sum",
 ]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norm import make_norm
+from .segments import Segments, segment_attention
 
 GATES = ("headwise", "elementwise", "none")
 
@@ -78,8 +79,13 @@ class GatedSelfAttention(nn.Module):
             gate = torch.sigmoid(self.gate_proj(x)).view(b, n, self.heads, -1)
         return q, k, v, gate
 
-    def attend(self, q, k, v, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Scaled dot-product attention; inputs as from `project`, output (B, N, H, hd)."""
+    def attend(self, q, k, v, attn_mask: torch.Tensor | None = None, segments: Segments | None = None) -> torch.Tensor:
+        """Scaled dot-product attention; inputs as from `project`, output (B, N, H, hd). With `segments` the
+        input is packed bags (B = 1, N = T rows) and each bag attends only to itself (`segment_attention`)."""
+        if segments is not None:
+            out = segment_attention(q[0], k[0], v[0], segments, dropout_p=self.attn_dropout if self.training else 0.0,
+                                    enable_gqa=self.kv_heads != self.heads)
+            return out.unsqueeze(0)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),

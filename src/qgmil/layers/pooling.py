@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .chunking import map_instances
+from .segments import Segments
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -88,6 +89,19 @@ class AttentionPool(nn.Module):
         scores = self.scores(x, chunk)
         attention = masked_softmax(scores, None if mask is None else mask.unsqueeze(1))
         return torch.bmm(attention.to(x.dtype), x), attention, scores
+
+    def attend_packed(self, x: torch.Tensor, segments: Segments, chunk: int | None = None):
+        """Packed bags (see `layers.segments`): x (T, D) -> pooled (B, D), attention (T,) with one branch;
+        (B, K, D), (K, T) with K > 1. The same numbers as `forward` on the padded batch."""
+        x = x.unsqueeze(0)
+        if not isinstance(self.norm, nn.Identity):
+            x = map_instances(self.norm, x, chunk=chunk)
+        scores, x = self.scores(x, chunk)[0], x[0]  # (K, T), (T, D)
+        attention = torch.stack([segments.softmax(s) for s in scores])
+        pooled = torch.stack([segments.weighted_sum(a, x) for a in attention], dim=1)
+        if self.branches == 1:
+            return pooled[:, 0], attention[0]
+        return pooled, attention
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None):
         """x (B, N, D), mask (B, N) or None -> pooled (B, D), attention (B, N) with one branch;

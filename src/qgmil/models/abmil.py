@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..layers import AttentionPool, InstanceEmbed, map_instances
-from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .base import MILModel, MILOutput, ModelConfig, as_batch, as_packed, unpack_output
 from .fields import DropoutRate, PositiveInt
 from .registry import register_arch, register_presets
 
@@ -64,12 +64,21 @@ class ABMIL(MILModel):
         self.pool = AttentionPool(cfg.dim, cfg.attn_dim, gated=cfg.gated)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
+    packable = True
+
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> MILOutput:
-        """x (B, N, in_dim), mask (B, N) bool, True = real instance; labels unused (no auxiliary loss)."""
-        x, mask = as_batch(x, mask, self.config.in_dim)
+        """x (B, N, in_dim), mask (B, N) bool, True = real instance; or packed x (T, in_dim) with lengths (B,).
+        labels unused (no auxiliary loss)."""
         chunk = None if torch.is_grad_enabled() else self.inference_chunk
+        if lengths is not None:
+            x, segments = as_packed(x, lengths, self.config.in_dim)
+            h = map_instances(self.embed, x, chunk=chunk)[0]  # (T, dim)
+            embedding, attention = self.pool.attend_packed(h, segments, chunk=chunk)  # (B, dim), (T,)
+            return unpack_output(MILOutput(self.head(embedding), attention, embedding), segments)
+        x, mask = as_batch(x, mask, self.config.in_dim)
         h = map_instances(self.embed, x, chunk=chunk)  # (B, N, dim)
         embedding, attention = self.pool(h, mask, chunk=chunk)  # (B, dim), (B, N)
         logits = self.head(embedding)  # (B, num_classes)

@@ -9,6 +9,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ..layers.segments import Segments
+
 from .fields import PositiveInt
 
 
@@ -74,6 +76,28 @@ def as_batch(x: torch.Tensor, mask: torch.Tensor | None, in_dim: int):
     return x.masked_fill(~mask.unsqueeze(-1), 0.0), mask
 
 
+def as_packed(x: torch.Tensor, lengths: torch.Tensor, in_dim: int) -> tuple[torch.Tensor, Segments]:
+    """Check packed bags: x (T, D) (or (1, T, D)) with lengths (B,) summing to T -> x (1, T, D), Segments."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    if x.dim() == 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 2:
+        raise ValueError(f"packed x must be (T, D), got shape {tuple(x.shape)}")
+    if x.shape[-1] != in_dim:
+        raise ValueError(f"x has feature dimension {x.shape[-1]} but the model expects in_dim={in_dim}")
+    return x.unsqueeze(0), Segments.from_lengths(lengths.to(x.device), total=x.shape[0])
+
+
+def unpack_output(out: MILOutput, segments: Segments) -> MILOutput:
+    """A packed forward's per-row attention (T,) / branch attention (K, T) -> the padded (B, N) / (B, K, N) of
+    the contract (zeros after each bag's end), so callers see one output shape."""
+    out.attention = segments.pad(out.attention)
+    if out.branch_attention is not None:
+        out.branch_attention = segments.pad(out.branch_attention.transpose(0, 1)).permute(0, 2, 1)
+    return out
+
+
 class MILModel(nn.Module):
     """Base class: a model is built from one validated config and can be rebuilt from it.
 
@@ -94,6 +118,11 @@ class MILModel(nn.Module):
     branches_are_classes: ClassVar[bool] = False
     """True when branch k of `MILOutput.branch_attention` is class k's attention (CLAM-MB, DSMIL)."""
 
+    packable: ClassVar[bool] = False
+    """True when `forward(x, lengths=...)` takes packed bags (x (T, D), the bags concatenated; no padding, no
+    FLOPs on it) and gives what the padded batch gives; the engine pads for models without it. A subclass
+    may make it a property when it depends on the config."""
+
     has_unused_parameters: ClassVar[bool] = False
     """True when a training step may leave parameters without gradient (CLAM trains only the instance
     classifiers of the bag's class), so DDP must look for them (`find_unused_parameters`)."""
@@ -113,8 +142,10 @@ class MILModel(nn.Module):
         return [f"branch {i}" for i in range(k)]
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> MILOutput:  # pragma: no cover
         """x (B, N, in_dim) or (N, in_dim); mask (B, N) bool, True = real instance; labels (B,) int64 bag
-        labels, only for models whose training objective needs them (auxiliary losses); others ignore them."""
+        labels, only for models whose training objective needs them (auxiliary losses); others ignore them.
+        Packable models also take packed bags: x (T, in_dim) and lengths (B,) (see `packable`)."""
         raise NotImplementedError

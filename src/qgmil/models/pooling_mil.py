@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..layers import InstanceEmbed, map_instances, max_pool, mean_pool
-from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .base import MILModel, MILOutput, ModelConfig, as_batch, as_packed, unpack_output
 from .fields import DropoutRate, PositiveInt
 from .registry import register_arch, register_presets
 
@@ -55,12 +55,25 @@ class PoolingMIL(MILModel):
         self.embed = InstanceEmbed(cfg.in_dim, cfg.dim, cfg.dropout)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
+    packable = True
+
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> MILOutput:
-        """x (B, N, in_dim), mask (B, N) bool, True = real instance; labels unused (no auxiliary loss)."""
-        x, mask = as_batch(x, mask, self.config.in_dim)
+        """x (B, N, in_dim), mask (B, N) bool, True = real instance; or packed x (T, in_dim) with lengths (B,).
+        labels unused (no auxiliary loss)."""
         chunk = None if torch.is_grad_enabled() else self.inference_chunk
+        if lengths is not None:
+            x, segments = as_packed(x, lengths, self.config.in_dim)
+            h = map_instances(self.embed, x, chunk=chunk)[0]  # (T, dim)
+            if self.config.pooling == "mean":
+                attention = segments.uniform(h)
+                embedding = segments.weighted_sum(attention, h)
+            else:
+                embedding, attention = segments.max(h)
+            return unpack_output(MILOutput(self.head(embedding), attention, embedding), segments)
+        x, mask = as_batch(x, mask, self.config.in_dim)
         h = map_instances(self.embed, x, chunk=chunk)  # (B, N, dim)
         pool = mean_pool if self.config.pooling == "mean" else max_pool
         embedding, attention = pool(h, mask)  # (B, dim), (B, N)

@@ -33,13 +33,14 @@ from ..layers import (
     AttentionPool,
     ClassifierHead,
     GatedSelfAttention,
+    Segments,
     make_ffn,
     make_norm,
     map_instances,
     max_pool,
     mean_pool,
 )
-from .base import MILModel, MILOutput, ModelConfig, as_batch
+from .base import MILModel, MILOutput, ModelConfig, as_batch, as_packed, unpack_output
 from .fields import DropoutRate, PositiveInt
 from .registry import register_arch, register_presets
 
@@ -106,10 +107,12 @@ class QGMILBlock(nn.Module):
     def _ffn(self, h):
         return self.ffn(self.ffn_norm(h))
 
-    def forward(self, h, attn_mask=None, chunk: int | None = None, weights_of: slice | None = None):
-        """Returns (h, attention weights of the queries `weights_of` (B, H, q, N) or None)."""
+    def forward(self, h, attn_mask=None, chunk: int | None = None, weights_of: slice | None = None,
+                segments: Segments | None = None):
+        """Returns (h, attention weights of the queries `weights_of` (B, H, q, N) or None). With `segments`,
+        h (1, T, dim) holds packed bags and each attends only to itself."""
         q, k, v, gate = map_instances(self._project, h, chunk=chunk)
-        attended = self.attn.attend(q, k, v, attn_mask)
+        attended = self.attn.attend(q, k, v, attn_mask, segments=segments)
         weights = None if weights_of is None else self.attn.weights(q[:, weights_of], k, attn_mask)
         del q, k, v
         h = h + self.drop(map_instances(self.attn.output, attended, gate, chunk=chunk))
@@ -152,14 +155,22 @@ class QGMIL(MILModel):
         self.head = ClassifierHead(cfg.dim, cfg.dim // 2, cfg.num_classes, cfg.dropout)
         self.apply(_init_weights)
 
+    @property
+    def packable(self) -> bool:
+        """Packed bags work for every pooling but "cls" (which would need a CLS row per bag)."""
+        return self.cls_token is None
+
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, return_layer_attention: bool = False,
-        *, labels: torch.Tensor | None = None,
+        *, labels: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
     ) -> MILOutput:
-        """x (B, N, in_dim), mask (B, N) bool, True = real instance. `return_layer_attention` adds the
-        (B, H, N, N) softmax of every layer (with "cls" pooling N + 1, the CLS token first): small bags only."""
-        x, mask = as_batch(x, mask, self.config.in_dim)
+        """x (B, N, in_dim), mask (B, N) bool, True = real instance; or packed x (T, in_dim) with lengths (B,).
+        `return_layer_attention` adds the (B, H, N, N) softmax of every layer (with "cls" pooling N + 1, the
+        CLS token first): small, padded bags only."""
         chunk = None if torch.is_grad_enabled() else self.inference_chunk
+        if lengths is not None:
+            return self._forward_packed(x, lengths, chunk)
+        x, mask = as_batch(x, mask, self.config.in_dim)
         h = map_instances(self.embed, x, chunk=chunk)
         if self.cls_token is not None:
             h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
@@ -197,6 +208,24 @@ class QGMIL(MILModel):
             embedding=embedding,
             layer_attention=layer_attention if return_layer_attention else None,
         )
+
+    def _forward_packed(self, x: torch.Tensor, lengths: torch.Tensor, chunk: int | None) -> MILOutput:
+        """Packed bags: position-wise layers on the (1, T, dim) sequence, attention within each bag."""
+        if not self.packable:
+            raise ValueError(f"{self.name}: pooling={self.config.pooling!r} takes padded batches, not packed bags")
+        x, segments = as_packed(x, lengths, self.config.in_dim)
+        h = map_instances(self.embed, x, chunk=chunk)  # (1, T, dim)
+        for block in self.blocks:
+            h, _ = block(h, chunk=chunk, segments=segments)
+        h = map_instances(self.final_norm, h, chunk=chunk)[0]  # (T, dim)
+        if self.pool is not None:
+            embedding, attention = self.pool.attend_packed(h, segments, chunk=chunk)
+        elif self.config.pooling == "mean":
+            attention = segments.uniform(h)
+            embedding = segments.weighted_sum(attention, h)
+        else:
+            embedding, attention = segments.max(h)
+        return unpack_output(MILOutput(self.head(embedding), attention, embedding), segments)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -74,8 +74,9 @@ class OptimConfig(_Section):
     epochs: int = Field(50, ge=1)
     batch_size: int | None = Field(1, ge=1, description="at most this many bags per optimizer micro-step (global "
                                    "under torchrun); null: as many as batch_instances allows")
-    batch_instances: int | None = Field(None, ge=1, description="at most this many padded instances per micro-step "
-                                        "(bags x longest bag); a longer bag goes alone; null: no budget")
+    batch_instances: int | None = Field(None, ge=1, description="at most this many instances per micro-step "
+                                        "(padded: bags x longest bag); a longer bag goes alone; null: no budget")
+    pack: bool = Field(True, description="packed batches (bags concatenated, no padding) for models that take them")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: float = Field(1e-4, gt=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine schedule ends at lr * min_lr_ratio")

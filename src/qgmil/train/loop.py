@@ -119,9 +119,9 @@ class FoldTrainer:
         optimizer = adamw(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
         train = parts.train
         loader = make_loader(train, cfg.optim.batch_size, batch_instances=cfg.optim.batch_instances, train=True,
-                             seed=fold.seed * 1000 + fold.fold, class_balanced=cfg.optim.class_balanced_sampling,
-                             num_workers=cfg.data.num_workers, num_replicas=ctx.world, rank=ctx.rank,
-                             pin_memory=ctx.device.type == "cuda")
+                             pack=cfg.optim.pack and model.packable, seed=fold.seed * 1000 + fold.fold,
+                             class_balanced=cfg.optim.class_balanced_sampling, num_workers=cfg.data.num_workers,
+                             num_replicas=ctx.world, rank=ctx.rank, pin_memory=ctx.device.type == "cuda")
         # Optimizer steps of every epoch (under an instance budget the batch count varies with the shuffle),
         # so the schedule counts the real steps.
         steps = [math.ceil(n / cfg.optim.grad_accum) for n in loader.batch_sampler.steps_per_epoch(range(cfg.optim.epochs))]
@@ -147,7 +147,7 @@ class FoldTrainer:
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
             if parts.val is not None and len(parts.val):
                 probs = infer(model, parts.val, ctx, batch_size=cfg.optim.batch_size,
-                              batch_instances=cfg.optim.batch_instances, dtype=self.dtype,
+                              batch_instances=cfg.optim.batch_instances, pack=cfg.optim.pack, dtype=self.dtype,
                               num_workers=cfg.data.num_workers).probs
                 val = classification_metrics(parts.val.labels, probs, ordinal=cfg.eval.ordinal)
                 row.update({f"val_{k}": v for k, v in val.items()})
@@ -200,7 +200,8 @@ class FoldTrainer:
             sync = wrapped.no_sync() if ctx.enabled and not last_in_group else contextlib.nullcontext()
             with sync:
                 with autocast(ctx.device, self.dtype):
-                    out = wrapped(batch.x, batch.mask, labels=batch.labels)
+                    args, packed = batch.inputs()
+                    out = wrapped(*args, labels=batch.labels, **packed)
                 ce = F.cross_entropy(out.logits.float(), batch.labels, weight=weight, reduction="none",
                                      label_smoothing=cfg.optim.label_smoothing)
                 keep = 0.0 if stand_in else 1.0
@@ -239,7 +240,7 @@ class FoldTrainer:
         barrier(ctx)
         model = load_model(fold_dir.best, device=str(ctx.device))
         result = infer(model, parts.test, ctx, batch_size=cfg.optim.batch_size,
-                       batch_instances=cfg.optim.batch_instances, dtype=self.dtype,
+                       batch_instances=cfg.optim.batch_instances, pack=cfg.optim.pack, dtype=self.dtype,
                        attention=cfg.eval.save_attention, num_workers=cfg.data.num_workers, classes=self.classes)
         probs, y = result.probs, parts.test.labels
         test = classification_metrics(y, probs, ordinal=cfg.eval.ordinal)
