@@ -6,7 +6,8 @@ Runs, each in its own process (their full output goes to DIR/<name>.log, their f
   qgmil_scale.py        QG-MIL forward / training step time and peak memory vs bag size, against an eager-attention
                         implementation of the same math in the same run
   models_scale.py       every architecture: inference and training step time and peak memory vs bag size
-  train_throughput.py   training bags/s at hematology (~500 x 384) and WSI (~10k x 1024) scale, batch 1 vs padded
+  train_throughput.py   training bags/s at small, hematology (~500 x 384) and WSI (~10k x 1024) scale: batch 1 (old
+                        and fused optimizer), padded, instance-budget and packed batches
   loader_throughput.py  bag loader vs a plain h5py loop
   extract_throughput.py tiles/s for reading, the encoder, and the whole extraction (needs the CMU slide)
 Default: the scripts' quick settings (about 10-15 minutes on 2 cores); --full: their documented settings (hours).
@@ -54,8 +55,7 @@ def summary_rows(name: str, data) -> list[tuple[str, str, str]]:
                                  f"{cell['time_s']:.2f} s, {cell['peak_gib']:.2f} GiB"))
     elif name == "train_throughput":
         for row in data:
-            rows.append((f"train {row['model']}", f"{row['scale']}, batch {row['batch_size']}",
-                         f"{row['bags_per_s']:.2f} bags/s"))
+            rows.append((f"train {row['model']}", f"{row['scale']}, {row['mode']}", f"{row['bags_per_s']:.2f} bags/s"))
     elif name == "loader_throughput":
         base = data["configs"].get("a", {}).get("time_s")
         for key, cell in data["configs"].items():

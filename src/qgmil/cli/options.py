@@ -30,7 +30,7 @@ def command_line() -> list[str]:
 #: flags of `qgmil train` and `qgmil benchmark` that each set one run-config key: flag -> (key, type, help)
 TRAINING_FLAGS = {
     "epochs": ("optim.epochs", int, "Maximum epochs"),
-    "batch_size": ("optim.batch_size", int, "Bags per step"),
+    "batch_size": ("optim.batch_size", int, "At most this many bags per step"),
     "lr": ("optim.lr", float, "Peak learning rate"),
     "device": ("runtime.device", str, "auto, cpu, cuda, cuda:1"),
 }

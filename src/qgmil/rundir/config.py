@@ -72,9 +72,9 @@ class ModelSection(_Section):
 
 class OptimConfig(_Section):
     epochs: int = Field(50, ge=1)
-    batch_size: int | None = Field(1, ge=1, description="at most this many bags per optimizer micro-step (global "
+    batch_size: int | None = Field(32, ge=1, description="at most this many bags per optimizer micro-step (global "
                                    "under torchrun); null: as many as batch_instances allows")
-    batch_instances: int | None = Field(None, ge=1, description="at most this many instances per micro-step "
+    batch_instances: int | None = Field(16384, ge=1, description="at most this many instances per micro-step "
                                         "(padded: bags x longest bag); a longer bag goes alone; null: no budget")
     pack: bool = Field(True, description="packed batches (bags concatenated, no padding) for models that take them")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
