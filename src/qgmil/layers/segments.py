@@ -53,9 +53,10 @@ class Segments:
         """sum_i w_i x_i within each bag. weights (T,), x (T, D) -> (B, D)."""
         return x.new_zeros(len(self), x.shape[-1]).index_add(0, self.ids, weights.to(x.dtype).unsqueeze(-1) * x)
 
-    def uniform(self, like: torch.Tensor) -> torch.Tensor:
-        """(T,) weights 1 / N_b of each row's bag (mean pooling's attention)."""
-        return (1.0 / self.lengths.to(like.dtype))[self.ids]
+    def mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean within each bag, as `layers.mean_pool`. x (T, D) -> pooled (B, D), attention (T,) uniform."""
+        attention = (1.0 / self.lengths.to(x.dtype))[self.ids]
+        return self.weighted_sum(attention, x), attention
 
     def max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Channel-wise max within each bag and each row's share of it, as `layers.max_pool`.

@@ -67,11 +67,7 @@ class PoolingMIL(MILModel):
         if lengths is not None:
             x, segments = as_packed(x, lengths, self.config.in_dim)
             h = map_instances(self.embed, x, chunk=chunk)[0]  # (T, dim)
-            if self.config.pooling == "mean":
-                attention = segments.uniform(h)
-                embedding = segments.weighted_sum(attention, h)
-            else:
-                embedding, attention = segments.max(h)
+            embedding, attention = segments.mean(h) if self.config.pooling == "mean" else segments.max(h)
             return unpack_output(MILOutput(self.head(embedding), attention, embedding), segments)
         x, mask = as_batch(x, mask, self.config.in_dim)
         h = map_instances(self.embed, x, chunk=chunk)  # (B, N, dim)

@@ -220,11 +220,8 @@ class QGMIL(MILModel):
         h = map_instances(self.final_norm, h, chunk=chunk)[0]  # (T, dim)
         if self.pool is not None:
             embedding, attention = self.pool.attend_packed(h, segments, chunk=chunk)
-        elif self.config.pooling == "mean":
-            attention = segments.uniform(h)
-            embedding = segments.weighted_sum(attention, h)
         else:
-            embedding, attention = segments.max(h)
+            embedding, attention = segments.mean(h) if self.config.pooling == "mean" else segments.max(h)
         return unpack_output(MILOutput(self.head(embedding), attention, embedding), segments)
 
 
