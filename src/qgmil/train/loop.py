@@ -124,7 +124,8 @@ class FoldTrainer:
                              num_replicas=ctx.world, rank=ctx.rank, pin_memory=ctx.device.type == "cuda")
         # Optimizer steps of every epoch (under an instance budget the batch count varies with the shuffle),
         # so the schedule counts the real steps.
-        steps = [math.ceil(n / cfg.optim.grad_accum) for n in loader.batch_sampler.steps_per_epoch(range(cfg.optim.epochs))]
+        batches = loader.batch_sampler.steps_per_epoch(range(cfg.optim.epochs))
+        steps = [math.ceil(n / cfg.optim.grad_accum) for n in batches]
         schedule = warmup_cosine(round(cfg.optim.warmup_epochs * steps[0]), sum(steps), cfg.optim.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
