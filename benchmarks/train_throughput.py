@@ -13,8 +13,9 @@ Scales: small (200 bags of 4-14 instances, dim 64: the classic MIL benchmarks), 
 around 500, dim 384) and WSI (patch bags, 5k-15k, dim 1024). Bags are random tensors in memory (loading is
 measured by loader_throughput.py). "padding" is the share of instance positions that are padding (the FLOPs
 of the position-wise layers spent on it); "attention padding" the share of the attention's N^2 FLOPs. One
-warm-up epoch, then the median of `--repeats` timed epochs; ratios are against "batch 1, old optimizer" of
-the same model and scale, measured in the same run.
+warm-up epoch per mode, then `--repeats` rounds that time one epoch of every mode in turn (so load changes
+hit all modes alike) and the median per mode; ratios are against "batch 1, old optimizer" of the same model
+and scale, measured in the same run.
 """
 
 from __future__ import annotations
@@ -85,34 +86,42 @@ def waste(batches: list[list[int]], lengths: np.ndarray, packed: bool) -> tuple[
     return 1 - real / padded, 1 - real_sq / padded_sq
 
 
-def measure(model_name: str, scale: str, mode: str, repeats: int, device, quick: bool) -> dict | None:
+def measure_scale(model_name: str, scale: str, modes: list[str], repeats: int, device, quick: bool) -> list[dict]:
+    """Every mode at one scale. The modes' timed epochs are interleaved (each repeat times every mode once),
+    so a change in the machine's load affects them alike and the ratios stay fair."""
     count, low, high, dim, padded_batch = SCALES[scale]
     if quick:
         count = max(padded_batch * 2, count // 4)
     bags = make_bags(count, low, high, dim)
     lengths = np.array([b.shape[0] for b in bags])
     labels = torch.arange(count) % 2
-    torch.manual_seed(0)
-    model = create_model(model_name, in_dim=dim, num_classes=2).to(device).train()
-    packed = mode == "packed"
-    if packed and not model.packable:
-        return None
-    groups = [{"params": list(model.parameters())}]
-    optimizer = (torch.optim.AdamW(groups, lr=1e-4, foreach=False) if mode == "batch 1, old optimizer"
-                 else adamw(groups, lr=1e-4))
-    batches = batches_of(mode, lengths, padded_batch)
-    one_epoch(model, optimizer, bags, labels, batches, packed, device)  # warm-up
-    times = []
+    setups = {}
+    for mode in modes:
+        torch.manual_seed(0)
+        model = create_model(model_name, in_dim=dim, num_classes=2).to(device).train()
+        packed = mode == "packed"
+        if packed and not model.packable:
+            continue
+        groups = [{"params": list(model.parameters())}]
+        optimizer = (torch.optim.AdamW(groups, lr=1e-4, foreach=False) if mode == "batch 1, old optimizer"
+                     else adamw(groups, lr=1e-4))
+        setups[mode] = (model, optimizer, batches_of(mode, lengths, padded_batch), packed)
+        one_epoch(model, optimizer, bags, labels, setups[mode][2], packed, device)  # warm-up
+    times = {mode: [] for mode in setups}
     for _ in range(repeats):
-        start = time.perf_counter()
-        one_epoch(model, optimizer, bags, labels, batches, packed, device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    padding, attention_padding = waste(batches, lengths, packed)
-    label = f"padded {padded_batch}" if mode == "padded" else mode
-    return {"model": model_name, "scale": scale, "mode": label, "bags": count, "steps": len(batches),
-            "epoch_s": seconds, "bags_per_s": count / seconds, "padding": padding,
-            "attention_padding": attention_padding}
+        for mode, (model, optimizer, batches, packed) in setups.items():
+            start = time.perf_counter()
+            one_epoch(model, optimizer, bags, labels, batches, packed, device)
+            times[mode].append(time.perf_counter() - start)
+    rows = []
+    for mode, (_, _, batches, packed) in setups.items():
+        seconds = statistics.median(times[mode])
+        padding, attention_padding = waste(batches, lengths, packed)
+        rows.append({"model": model_name, "scale": scale, "mode": f"padded {padded_batch}" if mode == "padded" else mode,
+                     "bags": count, "steps": len(batches), "epoch_s": seconds, "bags_per_s": count / seconds,
+                     "padding": padding, "attention_padding": attention_padding})
+        print(f"  {scale} {model_name} {rows[-1]['mode']}: {rows[-1]['bags_per_s']:.2f} bags/s", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -124,21 +133,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="a quarter of the bags, one timed epoch")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the bags, two timed epochs")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    repeats = 1 if args.quick else args.repeats
+    repeats = 2 if args.quick else args.repeats
 
     rows = []
     for scale in args.scales.split(","):
         for model in args.models.split(","):
-            for mode in args.modes.split(";"):
-                row = measure(model, scale, mode, repeats, device, args.quick)
-                if row is not None:
-                    rows.append(row)
-                    print(f"  {scale} {model} {row['mode']}: {row['bags_per_s']:.2f} bags/s", flush=True)
+            rows += measure_scale(model, scale, args.modes.split(";"), repeats, device, args.quick)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
           f"device {device}{gpu}; defaults: batch_size {DEFAULTS.batch_size}, batch_instances "
