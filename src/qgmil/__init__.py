@@ -11,7 +11,8 @@ _LAZY = {
     "create_model": "models", "list_models": "models", "MILOutput": "models",
     "load_model": "checkpoint", "save_model": "checkpoint",
 }
-_SUBMODULES = {"data", "extract", "models", "train", "evaluate", "explain", "convert", "checkpoint"}
+_SUBMODULES = {"data", "extract", "models", "train", "evaluate", "explain", "convert", "checkpoint", "rundir", "runtime",
+               "bench", "layers", "plotting"}
 
 __all__ = ["MILOutput", "__version__", "create_model", "data", "list_models", "load_model", "save_model"]
 
