@@ -44,8 +44,27 @@ def pad_bags(bags: Sequence[torch.Tensor], pad_value: float = 0.0) -> tuple[torc
     return x, mask
 
 
+class _Batch:
+    """What both kinds of batch share: their length (bags) and moving all their tensors at once."""
+
+    def __len__(self) -> int:
+        return len(self.bag_ids)
+
+    def _map(self, fn):
+        return type(self)(**{
+            f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)
+        })
+
+    def to(self, device, non_blocking: bool = False):
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self):
+        """Called by DataLoader(pin_memory=True) for faster host-to-GPU copies."""
+        return self._map(torch.Tensor.pin_memory)
+
+
 @dataclass
-class BagBatch:
+class BagBatch(_Batch):
     """A padded batch. x (B, N, D) float32, mask (B, N) bool (True = real), labels (B,) int64
     (-1 = unlabelled), index (B,) dataset positions, bag_ids, coords (B, N, 2) or None."""
 
@@ -56,28 +75,13 @@ class BagBatch:
     bag_ids: list[str]
     coords: torch.Tensor | None = None
 
-    def __len__(self) -> int:
-        return len(self.bag_ids)
-
-    def _map(self, fn) -> "BagBatch":
-        return BagBatch(**{
-            f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)
-        })
-
-    def to(self, device, non_blocking: bool = False) -> "BagBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "BagBatch":
-        """Called by DataLoader(pin_memory=True) for faster host-to-GPU copies."""
-        return self._map(torch.Tensor.pin_memory)
-
     def inputs(self) -> tuple[tuple, dict]:
         """(args, kwargs) of the model call: model(x, mask)."""
         return (self.x, self.mask), {}
 
 
 @dataclass
-class PackedBatch:
+class PackedBatch(_Batch):
     """Bags concatenated without padding. x (T, D) float32 with T = sum of lengths, the rows of bag i at
     offsets[i]:offsets[i + 1]; lengths (B,) int64; labels (B,) int64 (-1 = unlabelled), index (B,), bag_ids."""
 
@@ -87,24 +91,10 @@ class PackedBatch:
     index: torch.Tensor
     bag_ids: list[str]
 
-    def __len__(self) -> int:
-        return len(self.bag_ids)
-
     @property
     def mask(self) -> torch.Tensor:
         """(B, max length) bool: where the padded outputs of a packed model call (attention) are real."""
         return torch.arange(int(self.lengths.max()), device=self.lengths.device) < self.lengths.unsqueeze(1)
-
-    def _map(self, fn) -> "PackedBatch":
-        return PackedBatch(**{
-            f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)
-        })
-
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "PackedBatch":
-        return self._map(torch.Tensor.pin_memory)
 
     def inputs(self) -> tuple[tuple, dict]:
         """(args, kwargs) of the model call: model(x, lengths=lengths)."""
