@@ -113,29 +113,23 @@ def pack_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     return x, lengths
 
 
+def _bag_fields(items: Sequence[BagItem]) -> dict:
+    """labels, index and bag_ids of a batch, whichever way its features are laid out."""
+    return {"labels": torch.tensor([item.label for item in items], dtype=torch.long),
+            "index": torch.tensor([item.index for item in items], dtype=torch.long),
+            "bag_ids": [item.bag_id for item in items]}
+
+
 def collate_bags(items: Sequence[BagItem]) -> BagBatch:
     """DataLoader collate_fn for MILDataset items."""
     x, mask = pad_bags([item.features for item in items])
     coords = None
     if all(item.coords is not None for item in items):
         coords, _ = pad_bags([item.coords for item in items])
-    return BagBatch(
-        x=x,
-        mask=mask,
-        labels=torch.tensor([item.label for item in items], dtype=torch.long),
-        index=torch.tensor([item.index for item in items], dtype=torch.long),
-        bag_ids=[item.bag_id for item in items],
-        coords=coords,
-    )
+    return BagBatch(x=x, mask=mask, coords=coords, **_bag_fields(items))
 
 
 def collate_packed(items: Sequence[BagItem]) -> PackedBatch:
     """DataLoader collate_fn for models that take packed bags (no padding)."""
     x, lengths = pack_bags([item.features for item in items])
-    return PackedBatch(
-        x=x,
-        lengths=lengths,
-        labels=torch.tensor([item.label for item in items], dtype=torch.long),
-        index=torch.tensor([item.index for item in items], dtype=torch.long),
-        bag_ids=[item.bag_id for item in items],
-    )
+    return PackedBatch(x=x, lengths=lengths, **_bag_fields(items))
