@@ -177,8 +177,8 @@ def test_ablation_and_gain_tables_from_results():
 
     rows = [("qgmil", "a", 0.80), ("qgmil_wo_gate", "a", 0.75), ("abmil", "a", 0.78),
             ("qgmil", "b", 0.60), ("qgmil_wo_gate", "b", 0.62), ("abmil", "b", 0.65)]
-    results = pd.DataFrame([{"model": m, "model_name": m, "dataset": d, "macro_f1_mean": f, "macro_f1_std": 0.01}
-                            for m, d, f in rows])
+    results = pd.DataFrame([{"model": m, "model_name": m, "dataset": d, "folds": 15, "macro_f1_mean": f,
+                             "macro_f1_std": 0.01} for m, d, f in rows])
     gains = compute_gains(results, ["a", "b"])
     assert gains["gain"].tolist() == pytest.approx([0.02, -0.03, -0.005])
     assert list(gains["best_qgmil"][:2]) == ["qgmil", "qgmil_wo_gate"]
@@ -186,6 +186,7 @@ def test_ablation_and_gain_tables_from_results():
     assert "| qgmil | **0.800 ± 0.010** | 0.600 ± 0.010 | 0.700 |" in md
     assert "| abmil | 0.780 ± 0.010 | **0.650 ± 0.010** | **0.715** |" in md
     assert "a +0.020 (qgmil vs abmil); b -0.030 (qgmil_wo_gate vs abmil); mean -0.005" in md
+    assert "mean ± std over the 15 (seed, fold) test parts of each cell" in md
     ablation = format_ablation(results, ["a", "b"])
     assert "| qgmil (full) | 0.800 | 0.600 | 0.700 |" in ablation
     assert "| qgmil_wo_gate | 0.750 (-0.050) | 0.620 (+0.020) | 0.685 (-0.015) |" in ablation
@@ -251,7 +252,7 @@ def test_builtin_preset_resolves_and_flags_override_it(tmp_path):
     spec = load_spec(builtin=True)
     cells = plan_cells(spec, tmp_path)
     assert [d.name for d in spec.datasets] == ["musk1", "musk2", "elephant", "digit-bags"]
-    assert spec.datasets[3].options == {"bags": 200} and spec.folds == 5 and spec.seeds == [0]
+    assert spec.datasets[3].options == {"bags": 200} and spec.folds == 5 and spec.seeds == [0, 1, 2]
     models = list(dict.fromkeys(c.model for c in cells))
     assert models[:len(ABLATION_SET)] == list(ABLATION_SET)
     assert models[len(ABLATION_SET):] == ["transformer_mil", "abmil_gated", "clam_sb", "dsmil", "mean_pool"]

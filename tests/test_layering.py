@@ -29,10 +29,11 @@ LAYERS = {
     "evaluate": 7,
     "explain": 8,
     "train": 9,
-    "bench": 10,
-    "cli": 11, "__main__": 11,
+    "tune": 10,
+    "bench": 11,
+    "cli": 12, "__main__": 12,
 }
-ENGINE = ("train", "evaluate", "explain", "bench")
+ENGINE = ("train", "tune", "evaluate", "explain", "bench")
 
 
 def _module_name(path: Path) -> str:

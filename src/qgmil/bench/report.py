@@ -2,7 +2,7 @@
 whatever cells have finished.
 
 `build_tables` is the one writer; the tables come from `tables` (results, gains, metric grids, summary,
-ablation, attention mass), the paired tests from `stats`, the figures from `plots`.
+ablation, attention mass, tuning), the paired tests from `stats`, the figures from `plots`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .spec import Cell
 from .stats import format_significance, significance
 from .tables import (
     attention_mass, collect_results, compute_gains, format_ablation, format_attention_mass, format_metric_tables,
-    format_results, format_results_latex, format_summary, summary_table,
+    format_results, format_results_latex, format_summary, format_tuning, summary_table, tuning_table,
 )
 
 
@@ -59,8 +59,13 @@ def build_tables(out: str | Path, cells: list[Cell], echo: Callable[[str], None]
     csv("significance.csv", tests)
     text("attention_mass.md", format_attention_mass(mass, skipped))
     csv("attention_mass.csv", mass)
+    tuning = tuning_table(cells)
+    if any(c.tuned for c in cells):
+        text("tuning.md", format_tuning(tuning))
+        csv("tuning.csv", tuning)
     figures = write_figures(out, results, models, datasets, echo) if not results.empty else []
     return {"results": results, "gains": gains, "significance": tests, "attention_mass": mass, "summary": summary,
+            "tuning": tuning,
             "results_md": results_md, "summary_md": summary_md, "ablation_md": ablation_md, "figures": figures,
             "written": written + figures, "finished": len(results), "cells": len(cells)}
 

@@ -69,14 +69,16 @@ def train_cell(cell: Cell, command: list[str], threads: int | None = None) -> di
     exceptions do not pickle) and the other cells go on.
     """
     from ..train.run import train_run
+    from ..tune import tune_run
 
+    run = tune_run if cell.tuned else train_run
     config = cell.config
     if threads is not None:
         runtime = {"threads": config.runtime.threads or threads, "progress": False}
         config = config.model_copy(update={"runtime": config.runtime.model_copy(update=runtime)})
     start = time.time()
     try:
-        summary = train_run(config, cell.run_dir, resume=cell.rundir.holds_run, command=command)
+        summary = run(config, cell.run_dir, resume=cell.rundir.holds_run, command=command)
     except Exception as err:  # noqa: BLE001 - any error of one cell is reported and the others go on
         return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     return {"summary": summary, "seconds": time.time() - start}

@@ -9,7 +9,8 @@ qgmil/bench/presets/: `builtin` (`qgmil benchmark --builtin`) and `demo` (`qgmil
 OUT/
   benchmark.yaml   the resolved benchmark spec (runner)
   data/<dataset>/  prepared built-in datasets (runner)
-  runs/<dataset>/<model>/   one run directory per cell (see qgmil.rundir.RunDir; runner)
+  runs/<dataset>/<model>/   one run directory per cell (see qgmil.rundir.RunDir; runner); with `tune`, a
+                   nested-tuning run (qgmil.tune: the same layout plus tuning/)
   results.csv      one row per model x dataset: macro-F1, AUROC, balanced accuracy, ECE, Brier (mean, std),
                    folds, training seconds
   results.md/.tex  macro-F1 mean ± std, a row per model, a column per dataset (+ mean), best in bold; the
@@ -23,6 +24,8 @@ OUT/
   significance.md/.csv   best QG-MIL variant vs each baseline, paired per (seed, fold): Wilcoxon, t-test
   attention_mass.md/.csv  concentration (and localisation) of each cell's test attention
   results.png, ranks.png  macro-F1 bars per dataset; average rank of each model (matplotlib)
+  tuning.md/.csv   with `tune`: per cell the trials spent (complete, pruned, failed, trial-epochs) and the
+                   chosen settings over the outer folds (most frequent choice, median and range)
   failures.txt     the cells that failed in the last session and their tracebacks (absent when none did;
                    runner)
 
@@ -63,6 +66,8 @@ class DatasetSpec(_Strict):
 class ModelSpec(_Strict):
     name: str = Field(description="registered model name, or a group: ablation, baselines")
     overrides: dict[str, Any] = Field(default_factory=dict, description="model config fields, e.g. dropout: 0.1")
+    space: dict[str, Any] = Field(default_factory=dict, description="with tune: changes to this model's search "
+                                  "space (as tune.space)")
     label: str | None = Field(None, description="name in tables and OUT/runs (default: name)")
 
 
@@ -76,7 +81,10 @@ class BenchSpec(_Strict):
     datasets: list[DatasetSpec] = Field(default_factory=list)
     models: list[ModelSpec] = Field(default_factory=list)
     folds: int = Field(5, ge=2)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
+                             description="one k-fold each: the paired tests get folds x seeds samples")
+    tune: int | None = Field(None, ge=1, description="nested tuning with this many trials per outer (seed, fold), "
+                             "the same for every model (tune.* keys in train); null: every model at the train keys")
     workers: int = Field(1, ge=1, description="cells run at once, each in its own process")
     train: dict[str, Any] = Field(default_factory=dict, description="dotted run-config keys, e.g. optim.epochs: 20")
 
@@ -96,6 +104,7 @@ class Cell:
     model_name: str
     config: RunConfig
     run_dir: Path
+    tuned: bool = False  # a nested-tuning run (qgmil.tune) instead of a plain training run
 
     @property
     def rundir(self) -> RunDir:
@@ -130,6 +139,7 @@ def load_spec(
     folds: int | None = None,
     seeds: list[int] | None = None,
     workers: int | None = None,
+    tune: int | None = None,
     train: dict[str, Any] | None = None,
 ) -> BenchSpec:
     """The YAML file (optional; `preset`: a packaged preset instead, `builtin`: the `builtin` one), with
@@ -175,6 +185,8 @@ def load_spec(
             update["seeds"] = seeds
         if workers is not None:
             update["workers"] = workers
+        if tune is not None:
+            update["tune"] = tune
         if train:
             update["train"] = {**spec.train, **train}
         return BenchSpec.model_validate({**spec.model_dump(), **update}) if update else spec
@@ -204,7 +216,7 @@ def expand_models(models: list[ModelSpec]) -> list[ModelSpec]:
                                  f"(groups: {', '.join(MODEL_GROUPS)}; see `qgmil models`)")
         if len(names) > 1 and (spec.overrides or spec.label):
             raise BenchmarkError(f"model group {spec.name!r} cannot take overrides or a label; list its models")
-        out += [ModelSpec(name=n, overrides=spec.overrides, label=spec.label) for n in names]
+        out += [ModelSpec(name=n, overrides=spec.overrides, space=spec.space, label=spec.label) for n in names]
     return out
 
 
@@ -256,11 +268,19 @@ def plan_cells(spec: BenchSpec, out: str | Path, *, progress: bool = False) -> l
             base.update(data_keys)
             base.update({"model.name": model.name, "eval.folds": spec.folds, "eval.seeds": list(spec.seeds)})
             base.update({f"model.overrides.{k}": v for k, v in model.overrides.items()})
+            if spec.tune is not None:
+                base["tune.trials"] = spec.tune
+                base["tune.space"] = {**spec.train.get("tune.space", {}), **model.space}
             try:
                 config = load_config(None, [], base)
+                if spec.tune is not None:
+                    from ..tune import check_space
+
+                    check_space(config)
             except ConfigError as err:
                 raise BenchmarkError(f"{label} on {dataset}: {err}".replace("command line: ", "")) from None
-            cells.append(Cell(len(cells), dataset, label, model.name, config, out / "runs" / dataset / label))
+            cells.append(Cell(len(cells), dataset, label, model.name, config, out / "runs" / dataset / label,
+                              tuned=spec.tune is not None))
     return cells
 
 

@@ -152,9 +152,16 @@ def grid_latex(grid: MetricGrid, caption: str) -> str:
     return "\n".join(lines)
 
 
-def _footer(metric: str) -> str:
+def _samples(results: pd.DataFrame) -> str:
+    """How many (seed, fold) test parts each cell's mean ± std is over, e.g. "15" or "10-15"."""
+    counts = sorted({int(n) for n in results["folds"]})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def _footer(metric: str, results: pd.DataFrame) -> str:
     direction = "best" if HIGHER_IS_BETTER[metric] else "lowest"
-    return f"{METRIC_NAMES[metric]}, mean ± std over folds x seeds; {direction} per dataset in bold."
+    return (f"{METRIC_NAMES[metric]}, mean ± std over the {_samples(results)} (seed, fold) test parts of each cell; "
+            f"{direction} per dataset in bold.")
 
 
 def format_results(results: pd.DataFrame, models: list[str], datasets: list[str], gains: pd.DataFrame) -> str:
@@ -162,7 +169,7 @@ def format_results(results: pd.DataFrame, models: list[str], datasets: list[str]
     (only for models finished on all of them); the best per column in bold; then the gains."""
     if results.empty:
         return "No finished cells yet."
-    lines = [grid_markdown(metric_grid(results, models, datasets, "macro_f1")), "", _footer("macro_f1")]
+    lines = [grid_markdown(metric_grid(results, models, datasets, "macro_f1")), "", _footer("macro_f1", results)]
     if not gains.empty:
         per = [f"{r.dataset} {r.gain:+.3f} ({r.best_qgmil} vs {r.best_baseline})"
                for r in gains.itertuples() if r.dataset != "mean"]
@@ -175,7 +182,7 @@ def format_results_latex(results: pd.DataFrame, models: list[str], datasets: lis
     """results.md's macro-F1 table as a LaTeX booktabs tabular."""
     if results.empty:
         return "% No finished cells yet."
-    caption = "Macro-F1, mean +- std over folds x seeds; best per dataset in bold."
+    caption = f"Macro-F1, mean +- std over the {_samples(results)} (seed, fold) test parts of each cell; best per dataset in bold."
     return grid_latex(metric_grid(results, models, datasets, "macro_f1"), caption)
 
 
@@ -187,7 +194,7 @@ def format_metric_tables(results: pd.DataFrame, models: list[str], datasets: lis
     for metric in metrics:
         heading = [f"## {METRIC_NAMES[metric]}" + ("" if HIGHER_IS_BETTER[metric] else " (lower is better)"), ""]
         parts.append("\n".join((heading if len(metrics) > 1 else [])
-                               + [grid_markdown(metric_grid(results, models, datasets, metric)), "", _footer(metric)]))
+                               + [grid_markdown(metric_grid(results, models, datasets, metric)), "", _footer(metric, results)]))
     return "\n\n".join(parts)
 
 
@@ -300,4 +307,36 @@ def format_attention_mass(summary: pd.DataFrame, skipped: list[str]) -> str:
               "as it concentrates. Attention on positives and instance AUROC need instance labels (n/a without).")]
     if skipped:
         lines += ["", "Left out:", *[f"- {line}" for line in skipped]]
+    return "\n".join(lines)
+
+
+def tuning_table(cells: list[Cell]) -> pd.DataFrame:
+    """One row per tuned cell with chosen settings: dataset, model, outer folds, trials per fold, complete,
+    pruned, failed, trial_epochs (summed over its studies) and settings (most frequent choice or median and
+    range over the outer folds)."""
+    from ..tune.settings import compact
+
+    rows = []
+    for cell in cells:
+        chosen = cell.rundir.read_chosen() if cell.tuned else {}
+        if not chosen:
+            continue
+        total = {k: sum(c[k] for c in chosen.values()) for k in ("complete", "pruned", "failed", "trial_epochs")}
+        rows.append({"dataset": cell.dataset, "model": cell.model, "outer_folds": len(chosen),
+                     "trials": next(iter(chosen.values()))["trials"], **total, "settings": compact(chosen)})
+    return pd.DataFrame(rows)
+
+
+def format_tuning(table: pd.DataFrame) -> str:
+    """Markdown of tuning_table: what each model was given (the same trials per outer fold) and chose."""
+    if table.empty:
+        return "No tuned cells have finished studies yet."
+    lines = ["| dataset | model | outer folds | trials each | complete / pruned / failed | trial-epochs | chosen "
+             "settings |", "|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.dataset} | {r.model} | {r.outer_folds} | {r.trials} | {r.complete} / {r.pruned} / "
+                     f"{r.failed} | {r.trial_epochs} | {r.settings} |")
+    lines += ["", "Each outer (seed, fold) was tuned on its training part only (validation score), then its chosen "
+              "settings were retrained and tested once. Settings: median [range] of a float, or the most frequent "
+              "value (outer folds choosing it)."]
     return "\n".join(lines)

@@ -41,6 +41,6 @@ def main():
 
 
 # In the order of the pipeline; `qgmil --help` lists them alphabetically.
-for command in (models.models, models.convert_official_cmd, data.datasets, data.data, extract.extract, train.train,
+for command in (models.models, models.convert_official_cmd, data.datasets, data.data, extract.extract, train.train, train.tune,
                 train.evaluate, train.predict, explain.explain, bench.benchmark, bench.demo):
     main.add_command(command)

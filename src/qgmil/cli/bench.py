@@ -28,8 +28,9 @@ def _exit_on_failures(failures, out) -> None:
 @click.option("--datasets", help="Comma-separated built-in datasets or dataset directories (labels.csv + features/).")
 @click.option("--models", help="Comma-separated models; groups: ablation, baselines; patterns such as 'qgmil*'.")
 @click.option("--folds", type=int, help="Cross-validation folds per cell (default 5).")
-@click.option("--seeds", help="Comma-separated seeds, one k-fold each (default 0).")
+@click.option("--seeds", help="Comma-separated seeds, one k-fold each (default 0,1,2).")
 @click.option("--workers", type=click.IntRange(1), help="Cells trained at once, each in its own process (default 1).")
+@click.option("--tune", type=click.IntRange(1), help="Nested tuning: N trials per outer (seed, fold) for every model.")
 @training_options
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Run-config key for every cell, e.g. eval.patience=5.")
 @click.option("--out", type=click.Path(file_okay=False),
@@ -37,7 +38,7 @@ def _exit_on_failures(failures, out) -> None:
 @click.option("--shard", metavar="I/N", help="Run only the cells with index % N == I (split the grid over machines).")
 @click.option("--report-only", is_flag=True, help="Train nothing; rebuild the tables from the finished cells.")
 @click.option("--progress", is_flag=True, help="Also show per-fold progress bars (not with --workers > 1).")
-def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, sets, out, shard, report_only, progress,
+def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, tune, sets, out, shard, report_only, progress,
               **flags):
     """Cross-validate every model on every dataset into --out and build the paper's tables.
 
@@ -59,7 +60,7 @@ def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, sets
     spec = load_spec(
         bench_file, builtin=builtin, datasets=datasets.split(",") if datasets else None,
         models=models.split(",") if models else None, folds=folds,
-        seeds=[int(s) for s in seeds.split(",")] if seeds else None, workers=workers, train=train,
+        seeds=[int(s) for s in seeds.split(",")] if seeds else None, workers=workers, tune=tune, train=train,
     )
     tables = run_benchmark(spec, out, shard=parse_shard(shard), report_only=report_only, progress=progress,
                            echo=click.echo, command=command_line())

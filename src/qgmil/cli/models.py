@@ -11,9 +11,11 @@ import click
 @click.option("--in-dim", default=1024, show_default=True, help="Feature dimension for --params.")
 @click.option("--tag", "tags", multiple=True, help="Only models with this tag (repeatable): "
               "qgmil, official, ablation, baseline, multi_branch.")
-def models(pattern, params, in_dim, tags):
+@click.option("--space", is_flag=True, help="Also show what `qgmil tune` searches for each model.")
+def models(pattern, params, in_dim, tags, space):
     """List registered models matching PATTERN (shell-style, e.g. 'qgmil*') with their tags."""
     from ..models import create_model, list_models, model_entry
+    from ..models.search import describe
 
     names = list_models(pattern, tags=tags)
     if not names:
@@ -26,6 +28,9 @@ def models(pattern, params, in_dim, tags):
             extra = f"{n / 1e6:7.2f}M  "
         entry = model_entry(name)
         click.echo(f"{name:<{width}}  {extra}{entry.description}  [{', '.join(sorted(entry.tags))}]")
+        if space:
+            for key, param in entry.search_space().items():
+                click.echo(f"{'':<{width}}    {key}: {describe(param)}")
 
 
 @click.command("convert-official")

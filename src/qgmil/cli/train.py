@@ -1,4 +1,5 @@
-"""`qgmil train` (cross-validation runs), `qgmil evaluate` (a run's report) and `qgmil predict` (new bags)."""
+"""`qgmil train` (cross-validation runs), `qgmil tune` (nested tuning), `qgmil evaluate` (a run's report) and
+`qgmil predict` (new bags)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,54 @@ import click
 from .options import column_options, columns, command_line, training_keys, training_options
 
 
+def run_options(fn):
+    """The options `qgmil train` and `qgmil tune` share: config file, data, model, folds, training keys."""
+    options = [
+        click.argument("config_file", required=False, type=click.Path(dir_okay=False)),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config field, e.g. optim.lr=3e-4."),
+        click.option("--table", type=click.Path(dir_okay=False), help="Dataset table (data.table)."),
+        click.option("--features", type=click.Path(file_okay=False), help="Feature files folder (data.features)."),
+        click.option("--dataset", "builtin", help="A built-in dataset instead of --table (data.builtin)."),
+        click.option("--model", help="Registered model name (model.name)."),
+        click.option("--folds", type=int, help="Cross-validation folds (eval.folds)."),
+        click.option("--seeds", help="Comma-separated seeds, one k-fold each (eval.seeds)."),
+        training_options,
+        click.option("--bag-unit", type=click.Choice(["slide", "patient"]), help="One bag per slide or per patient."),
+        click.option("--max-instances", type=int, help="Random subset of larger bags while training."),
+        click.option("--workers", type=int, help="DataLoader workers (data.num_workers)."),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out: finished folds are skipped."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+FLAG_KEYS = {"table": "data.table", "features": "data.features", "builtin": "data.builtin", "model": "model.name",
+             "folds": "eval.folds", "bag_unit": "data.bag_unit", "max_instances": "data.max_instances",
+             "workers": "data.num_workers", "trials": "tune.trials", "inner_folds": "tune.inner_folds",
+             "storage": "tune.storage", "pruner": "tune.pruner", "sampler": "tune.sampler"}
+
+
+def run_config(config_file, sets, quiet, flags):
+    """The RunConfig the flags describe, or None when they only say where to resume (the saved one is used)."""
+    from ..rundir.config import load_config, parse_set
+
+    base = training_keys(flags)
+    base.update({FLAG_KEYS[k]: v for k, v in flags.items() if k in FLAG_KEYS and v is not None})
+    if flags.get("seeds"):
+        base["eval.seeds"] = [int(s) for s in flags["seeds"].split(",")]
+    if quiet:
+        base["runtime.progress"] = False
+    if config_file or base.keys() - {"runtime.progress", "runtime.device"} or sets:
+        return load_config(config_file, parse_set(list(sets)), base)
+    return None
+
+
 @click.command(context_settings={"show_default": True})
-@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. optim.lr=3e-4.")
-@click.option("--table", type=click.Path(dir_okay=False), help="Dataset table (data.table).")
-@click.option("--features", type=click.Path(file_okay=False), help="Feature files folder (data.features).")
-@click.option("--dataset", "builtin", help="A built-in dataset instead of --table (data.builtin).")
-@click.option("--model", help="Registered model name (model.name).")
-@click.option("--folds", type=int, help="Cross-validation folds (eval.folds).")
-@click.option("--seeds", help="Comma-separated seeds, one k-fold each (eval.seeds).")
-@training_options
-@click.option("--bag-unit", type=click.Choice(["slide", "patient"]), help="One bag per slide or per patient.")
-@click.option("--max-instances", type=int, help="Random subset of larger bags while training.")
-@click.option("--workers", type=int, help="DataLoader workers (data.num_workers).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out: finished folds are skipped.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@run_options
 def train(config_file, sets, out, resume, quiet, **flags):
     """Cross-validate a model: `qgmil train --table T --features F --model qgmil --out RUN`.
 
@@ -30,26 +63,35 @@ def train(config_file, sets, out, resume, quiet, **flags):
     --set KEY=VALUE override them. The run directory holds the resolved config, splits, versions,
     per-fold checkpoints and metrics, test predictions and attention, and the summary.
     """
-    from ..rundir.config import load_config, parse_set
+    from ..evaluate.metrics import format_summary
     from ..train.run import train_run
 
-    keys = {"table": "data.table", "features": "data.features", "builtin": "data.builtin", "model": "model.name",
-            "folds": "eval.folds", "bag_unit": "data.bag_unit", "max_instances": "data.max_instances",
-            "workers": "data.num_workers"}
-    base = training_keys(flags)
-    base.update({keys[k]: v for k, v in flags.items() if k in keys and v is not None})
-    if flags.get("seeds"):
-        base["eval.seeds"] = [int(s) for s in flags["seeds"].split(",")]
-    if quiet:
-        base["runtime.progress"] = False
-    config = None
-    if config_file or base.keys() - {"runtime.progress", "runtime.device"} or sets:
-        config = load_config(config_file, parse_set(list(sets)), base)
-    summary = train_run(config, out, resume=resume, command=command_line())
-    from ..evaluate.metrics import format_summary
-
+    summary = train_run(run_config(config_file, sets, quiet, flags), out, resume=resume, command=command_line())
     click.echo(format_summary(summary))
     click.echo(f"run directory: {out}  (summary.md, predictions.csv, folds/*/best.safetensors)")
+
+
+@click.command(context_settings={"show_default": True})
+@run_options
+@click.option("--trials", type=int, help="Trials per outer (seed, fold) (tune.trials, default 20).")
+@click.option("--inner-folds", type=int, help="Score trials on k inner folds instead of the validation part.")
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), help="tune.pruner (default median).")
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), help="tune.sampler (default tpe).")
+@click.option("--storage", help="Optuna storage: a .journal file or an RDB URL (default RUN_DIR/tuning/studies.journal).")
+def tune(config_file, sets, out, resume, quiet, **flags):
+    """Nested tuning: `qgmil tune --dataset musk1 --model abmil_gated --trials 20 --out RUN`.
+
+    For each outer (seed, fold), an Optuna study searches the model's space (`qgmil models --space NAME`,
+    changed with tune.space in the YAML) on the outer training part only, scored on the validation part
+    (eval.monitor); the best settings are retrained and tested once on the outer test fold. Rerun with
+    --resume after an interruption: finished trials and folds are kept.
+    """
+    from ..evaluate.metrics import format_summary
+    from ..tune import tune_run
+
+    summary = tune_run(run_config(config_file, sets, quiet, flags), out, resume=resume, command=command_line())
+    click.echo(format_summary(summary))
+    click.echo(f"run directory: {out}  (summary.md, tuning/settings.md, tuning/<fold>/chosen.json)")
 
 
 @click.command()

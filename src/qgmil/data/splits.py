@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
@@ -155,6 +156,22 @@ def make_splits(
                                _bags_of(table, ids[test])))
     params = {"folds": folds, "seeds": [int(s) for s in seeds], "val_fraction": val_fraction}
     return Splits(result, "kfold", params)
+
+
+def inner_folds(table: pd.DataFrame, fold: Fold, k: int, seed: int = 0) -> list[Fold]:
+    """Patient-level stratified k-fold over an outer fold's training and validation bags (never its test
+    bags), for tuning inside cross-validation: inner fold j trains on k-1 parts and validates on the j-th."""
+    if k < 2:
+        raise ValueError(f"inner folds must be >= 2, got {k}")
+    rest = table[table["bag_id"].isin(set(fold.train) | set(fold.val))]
+    patients = _patients(rest)
+    if len(patients) < k:
+        raise DataError([f"{fold.name}: {len(patients)} training patients cannot make {k} inner folds"])
+    stratify = patients.values if patients.value_counts().min() >= k else np.zeros(len(patients))
+    ids = patients.index.to_numpy()
+    kfold = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [Fold(f"{fold.name}-inner{j}", fold.seed, j, _bags_of(rest, ids[train]), _bags_of(rest, ids[val]), [])
+            for j, (train, val) in enumerate(kfold.split(ids, stratify))]
 
 
 def splits_from_table(table: pd.DataFrame, seeds: Sequence[int] = (0,), val_fraction: float = 0.2) -> Splits | None:

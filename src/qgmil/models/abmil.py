@@ -35,6 +35,7 @@ from torch import nn
 from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch, as_packed, unpack_output
 from .fields import DropoutRate, PositiveInt
+from .search import Choice, DROPOUT
 from .registry import register_arch, register_presets
 
 
@@ -55,6 +56,7 @@ class ABMIL(MILModel):
 
     arch = "abmil"
     Config = ABMILConfig
+    search_space = {"dropout": DROPOUT, "attn_dim": Choice((64, 128, 256))}
 
     def __init__(self, config: ABMILConfig):
         super().__init__(config)

@@ -64,6 +64,7 @@ from torch import nn
 from ..layers import AttentionPool, map_instances, masked_softmax, weighted_sum
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .fields import DropoutRate, Fraction, LossWeight, NonNegativeInt, PositiveInt
+from .search import Choice, DROPOUT, Float
 from .registry import register_arch, register_presets
 
 
@@ -135,6 +136,8 @@ class ACMIL(MILModel):
 
     arch = "acmil"
     Config = ACMILConfig
+    search_space = {"dropout": DROPOUT, "diversity_weight": Float(0.0, 2.0),
+                    "n_masked_patch": Choice((0, 5, 10, 20)), "mask_drop": Float(0.3, 0.9)}
     tags = ("baseline", "multi_branch")
 
     def __init__(self, config: ACMILConfig):

@@ -127,6 +127,10 @@ class MILModel(nn.Module):
     """True when a training step may leave parameters without gradient (CLAM trains only the instance
     classifiers of the bag's class), so DDP must look for them (`find_unused_parameters`)."""
 
+    search_space: ClassVar[dict] = {}
+    """What `qgmil tune` may vary of this architecture besides the learning rate and weight decay: config field ->
+    `search.Float | Int | Choice`. A preset's own fields are left out (they are what the preset is)."""
+
     inference_chunk: int | None = 8192
     """Instances per chunk for position-wise layers when no gradient is recorded (memory only, not numerics)."""
 

@@ -71,6 +71,7 @@ from torch import nn
 from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .fields import DropoutRate, LossWeight, PositiveInt
+from .search import Choice, DROPOUT, Float
 from .registry import register_arch, register_presets
 
 OFFICIAL_BAG_WEIGHT = 0.7
@@ -131,6 +132,7 @@ class CLAM(MILModel):
 
     arch = "clam"
     Config = CLAMConfig
+    search_space = {"dropout": DROPOUT, "k_sample": Choice((4, 8, 16)), "inst_weight": Float(0.1, 1.0)}
     branches_are_classes = True  # CLAM-MB: one attention branch per class
     has_unused_parameters = True  # only the instance classifiers of the bag's class train in a step
 

@@ -78,6 +78,7 @@ from torch import nn
 from ..layers import map_instances, masked_softmax
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .fields import DropoutRate, LossWeight, PositiveInt
+from .search import Choice, DROPOUT
 from .registry import register_arch, register_presets
 
 
@@ -123,6 +124,7 @@ class DSMIL(MILModel):
 
     arch = "dsmil"
     Config = DSMILConfig
+    search_space = {"dropout": DROPOUT, "embed_dim": Choice((None, 128, 256))}
     tags = ("baseline", "multi_branch")
     branches_are_classes = True  # one critical-instance attention per class
 

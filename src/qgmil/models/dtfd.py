@@ -81,6 +81,7 @@ from torch import nn
 from ..layers import AttentionPool, InstanceEmbed, map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .fields import DropoutRate, LossWeight, NonNegativeInt, PositiveInt
+from .search import Choice, DROPOUT
 from .registry import register_arch, register_presets
 
 
@@ -161,6 +162,7 @@ class DTFDMIL(MILModel):
 
     arch = "dtfd_mil"
     Config = DTFDConfig
+    search_space = {"dropout": DROPOUT, "num_groups": Choice((2, 4, 8))}
 
     def __init__(self, config: DTFDConfig):
         super().__init__(config)

@@ -30,6 +30,7 @@ from torch import nn
 from ..layers import InstanceEmbed, map_instances, max_pool, mean_pool
 from .base import MILModel, MILOutput, ModelConfig, as_batch, as_packed, unpack_output
 from .fields import DropoutRate, PositiveInt
+from .search import DROPOUT
 from .registry import register_arch, register_presets
 
 
@@ -48,6 +49,7 @@ class PoolingMIL(MILModel):
 
     arch = "pooling_mil"
     Config = PoolingMILConfig
+    search_space = {"dropout": DROPOUT}
 
     def __init__(self, config: PoolingMILConfig):
         super().__init__(config)

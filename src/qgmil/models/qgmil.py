@@ -42,6 +42,7 @@ from ..layers import (
 )
 from .base import MILModel, MILOutput, ModelConfig, as_batch, as_packed, unpack_output
 from .fields import DropoutRate, PositiveInt
+from .search import Choice, DROPOUT
 from .registry import register_arch, register_presets
 
 
@@ -140,6 +141,7 @@ class QGMIL(MILModel):
 
     arch = "qgmil"
     Config = QGMILConfig
+    search_space = {"dropout": DROPOUT, "dim": Choice((256, 512)), "depth": Choice((1, 2))}
     tags = ()  # per preset: QG-MIL variants, or the plain-transformer baseline
 
     def __init__(self, config: QGMILConfig):

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .search import TRAINING_SPACE, Space
 from .base import MILModel, ModelConfig
 
 #: tag -> what it means
@@ -38,6 +39,15 @@ class ModelEntry:
     def config(self, in_dim: int, num_classes: int, **overrides) -> ModelConfig:
         """The validated config of this preset with `overrides` (pydantic ValidationError if invalid)."""
         return self.arch.Config(**{**self.preset, "in_dim": in_dim, "num_classes": num_classes, **overrides})
+
+    def search_space(self) -> Space:
+        """What `qgmil tune` varies for this preset (run-config keys): the learning rate and weight decay, and
+        the architecture's `search_space` less the fields this preset sets to a non-default value (a deep or
+        light variant keeps its depth or width: that is what it is)."""
+        defaults = self.arch.Config.model_fields
+        own = {k: v for k, v in self.arch.search_space.items()
+               if k not in self.preset or self.preset[k] == defaults[k].default}
+        return {**TRAINING_SPACE, **{f"model.overrides.{k}": v for k, v in own.items()}}
 
 
 _MODELS: dict[str, ModelEntry] = {}

@@ -78,6 +78,7 @@ from torch import nn
 from ..layers import map_instances
 from .base import MILModel, MILOutput, ModelConfig, as_batch
 from .fields import DropoutRate, NonNegativeInt, PositiveInt
+from .search import Choice, DROPOUT
 from .registry import register_arch, register_presets
 
 
@@ -244,6 +245,7 @@ class TransMIL(MILModel):
 
     arch = "transmil"
     Config = TransMILConfig
+    search_space = {"dropout": DROPOUT, "dim": Choice((256, 512))}
     permutation_invariant: ClassVar[bool] = False
 
     def __init__(self, config: TransMILConfig):

@@ -116,12 +116,58 @@ class RuntimeConfig(_Section):
     tensorboard: bool = Field(True, description="also log to RUN_DIR/tensorboard when tensorboard is installed")
 
 
+TUNABLE = ("optim.", "model.overrides.", "data.max_instances", "eval.patience", "eval.min_epochs")
+
+
+class TuneConfig(_Section):
+    """`qgmil tune`: a hyperparameter search inside each outer (seed, fold), scored on eval.monitor of the
+    validation part; `qgmil train` ignores this section."""
+
+    trials: int = Field(20, ge=1, description="trials per outer (seed, fold); every model of a benchmark gets as many")
+    inner_folds: int | None = Field(None, ge=2, description="null: trials train on the outer fold's training part and "
+                                    "score its validation carve-out; k: inner k-fold over both (the mean is the score)")
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="stops trials whose validation "
+                                                          "curve falls behind the others'")
+    startup_trials: int = Field(5, ge=0, description="trials sampled at random and never pruned before TPE and the "
+                                "pruner start")
+    prune_after: int = Field(3, ge=0, description="epochs every trial runs before the pruner may stop it")
+    seed: int = Field(0, description="sampler seed (with the same seed and data, the same trials)")
+    space: dict[str, Any] = Field(default_factory=dict, description="changes to the model's search space: a range "
+                                  "{low, high, log, type}, a list of choices, a fixed value, or null to drop a key")
+    storage: str | None = Field(None, description="Optuna storage: null = RUN_DIR/tuning/studies.journal; a *.journal "
+                                "path (shared filesystem) or an RDB URL (sqlite:///x.db, postgresql://...)")
+
+    @field_validator("space")
+    @classmethod
+    def _space_keys(cls, space: dict[str, Any]) -> dict[str, Any]:
+        from ..models.search import parse_param
+
+        for key, value in space.items():
+            if not key.startswith(TUNABLE):
+                raise ValueError(f"tune.space.{key}: not tunable (keys start with {', '.join(TUNABLE)})")
+            if value is not None:
+                parse_param(key, value)
+        return space
+
+
 class RunConfig(_Section):
     data: DataConfig
     model: ModelSection = Field(default_factory=ModelSection)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    def with_keys(self, values: dict[str, Any]) -> RunConfig:
+        """This config with dotted keys set (a trial's parameters), validated; ConfigError names the key."""
+        tree = self.model_dump(mode="json")
+        for key, value in values.items():
+            _set_path(tree, key, value)
+        try:
+            return RunConfig.model_validate(tree)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, "tuned settings")) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -9,6 +9,10 @@ RUN_DIR/
                        it finished)
   predictions.csv      all test predictions; summary.json / .md / .csv; reliability.png (summary.json,
                        written by the report at the end, marks the run finished)
+  tuning/              tuned runs only (`qgmil tune`): studies.journal (the Optuna storage, one study per
+                       outer fold, unless tune.storage points elsewhere), and per outer fold <name>/
+                       chosen.json (the best trial's settings, written before the fold retrains with them),
+                       trials.csv, history.png, importances.png
 
 Training writes through `RunDir` and `FoldDir`; evaluation, prediction, explanation and the benchmark
 read through them, so the layout is written down once, here.
@@ -99,8 +103,18 @@ class RunDir:
     summary_csv = property(lambda self: self.root / "summary.csv")
     reliability = property(lambda self: self.root / "reliability.png")
 
+    tuning = property(lambda self: self.root / "tuning")
+    study_journal = property(lambda self: self.root / "tuning" / "studies.journal")
+
     def fold(self, name: str) -> FoldDir:
         return FoldDir(self.folds_dir / name)
+
+    def tuning_dir(self, fold_name: str) -> Path:
+        return self.tuning / fold_name
+
+    def read_chosen(self) -> dict[str, dict]:
+        """Outer fold name -> its chosen.json ({params, value, trials, ...}); empty for an untuned run."""
+        return {p.parent.name: json.loads(p.read_text()) for p in sorted(self.tuning.glob("*/chosen.json"))}
 
     # --- state ---------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,7 @@ from .state import load_state, save_state
 class FoldParts:
     train: MILDataset
     val: MILDataset | None
-    test: MILDataset
+    test: MILDataset | None  # None while tuning: a trial never sees a test part
 
 
 def _epoch_end_hook(fold: str, epoch: int) -> None:
@@ -107,9 +108,22 @@ class FoldTrainer:
         return model.to(self.ctx.device)
 
     def run(self, fold: Fold, parts: FoldParts, fold_dir: FoldDir, progress: bool = True) -> dict:
-        cfg, ctx = self.config, self.ctx
-        fold_dir.path.mkdir(parents=True, exist_ok=True)
+        """Train (or resume) the fold in `fold_dir`, then test its best weights; returns metrics.json's dict."""
         started = time.time()
+        info = self.fit(fold, parts, fold_dir, progress)
+        return self._test(fold, parts, fold_dir, info, time.time() - started)
+
+    def fit(self, fold: Fold, parts: FoldParts, fold_dir: FoldDir | None, progress: bool = True,
+            on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+        """The epoch loop; returns its state (history: one row per epoch, best_epoch, ...).
+
+        With `fold_dir` None (a tuning trial) nothing is written: no checkpoint, no state, no epochs.csv.
+        `on_epoch(epoch, row)` sees each epoch's row (val_* metrics included) once it is recorded; what it
+        raises (a pruned trial) ends the loop.
+        """
+        cfg, ctx = self.config, self.ctx
+        if fold_dir is not None:
+            fold_dir.path.mkdir(parents=True, exist_ok=True)
         model = self._model(seed=fold.seed * 1000 + fold.fold)
         wrapped = model
         if ctx.enabled:
@@ -132,9 +146,9 @@ class FoldTrainer:
         weight = class_weights(train.labels, len(self.classes)).to(ctx.device) if cfg.optim.class_weights else None
 
         info = {"epoch": -1, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
-        if fold_dir.state.exists():
+        if fold_dir is not None and fold_dir.state.exists():
             info = load_state(fold_dir.state, model, optimizer, scheduler, scaler, ctx.rank)
-        writer = self._tensorboard(fold_dir, info["epoch"] + 1)
+        writer = self._tensorboard(fold_dir, info["epoch"] + 1) if fold_dir is not None else None
 
         # A fold that stopped early and was interrupted while testing must not train on.
         start = cfg.optim.epochs if info.get("stopped_early") else info["epoch"] + 1
@@ -158,7 +172,7 @@ class FoldTrainer:
             improved = info["best_score"] is None or score > info["best_score"]
             if improved:
                 info.update(best_score=score, best_epoch=epoch, bad_epochs=0)
-                if ctx.is_main:
+                if ctx.is_main and fold_dir is not None:
                     save_model(model, fold_dir.best, extra={**self.checkpoint_extra, "fold": fold.name,
                                                                            "epoch": epoch})
             else:
@@ -170,7 +184,7 @@ class FoldTrainer:
                     and epoch + 1 >= cfg.eval.min_epochs)
             info["stopped_early"] = stop
             rng = all_gather(torch.get_rng_state(), ctx)
-            if ctx.is_main:
+            if ctx.is_main and fold_dir is not None:
                 write_csv(fold_dir.epochs, pd.DataFrame(info["history"]))
                 save_state(fold_dir.state, model, optimizer, scheduler, scaler, rng, info)
                 if writer is not None:
@@ -180,11 +194,13 @@ class FoldTrainer:
             barrier(ctx)
             epochs.set_postfix({"loss": f"{train_loss:.3f}", **({shown: f"{row[shown]:.3f}"} if shown in row else {})})
             _epoch_end_hook(fold.name, epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, row)
             if stop:
                 break
         if writer is not None:
             writer.close()
-        return self._test(fold, parts, fold_dir, info, time.time() - started)
+        return info
 
     def _train_epoch(self, wrapped, model, loader, optimizer, scheduler, scaler, weight) -> float:
         """One pass; returns the mean weighted cross-entropy over the training bags (all ranks)."""

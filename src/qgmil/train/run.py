@@ -12,13 +12,14 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import DataError, MILDataset, Splits, check_dataset, load_or_make_splits, prepare_dataset, read_attrs
+from ..data import DataError, Fold, MILDataset, Splits, check_dataset, load_or_make_splits, prepare_dataset, read_attrs
 from ..evaluate.report import write_report
 from ..rundir import RunConfig, RunDir
 from ..runtime import Dist, barrier, broadcast, init_distributed
@@ -67,8 +68,32 @@ def _check(config: RunConfig, table: Path, features: Path, ctx: Dist) -> None:
         raise DataError(problems, f"{table}: the dataset has problems (see `qgmil data check`)")
 
 
-def train_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = False, command: list[str] | None = None) -> dict:
-    """Run (or resume) cross-validation; returns the summary (metric -> mean, std, ci_low, ci_high, n)."""
+@dataclass
+class OpenRun:
+    """A run directory whose config and data passed their checks, with its data and splits loaded."""
+
+    run: RunDir
+    config: RunConfig
+    ctx: Dist
+    data: MILDataset
+    splits: Splits
+
+    def checkpoint_extra(self) -> dict:
+        """What every checkpoint of the run records besides the model (checked at prediction time)."""
+        return {"classes": self.data.classes, "in_dim": self.data.in_dim, "provenance": provenance(self.data),
+                "bag_unit": self.config.data.bag_unit, "model": self.config.model.name, "run": str(self.run.root)}
+
+    def parts(self, fold: Fold, config: RunConfig | None = None) -> FoldParts:
+        max_instances = (config or self.config).data.max_instances
+        return FoldParts(train=self.data.subset(fold.train, max_instances=max_instances),
+                         val=self.data.subset(fold.val) if fold.val else None,
+                         test=self.data.subset(fold.test) if fold.test else None)
+
+
+def open_run(config: RunConfig | None, out_dir: str | Path, resume: bool, command: list[str] | None) -> OpenRun:
+    """Resolve the config (a new one, or the saved one on resume), start torch.distributed when launched by
+    torchrun, prepare and check the data, make the splits, write config.yaml and run.json. A fresh run that
+    fails before its config.yaml is written leaves no directory behind."""
     run = RunDir(Path(out_dir).resolve())
     config = run.resolve_config(config, resume)
     ctx = init_distributed(config.runtime.device)
@@ -81,21 +106,21 @@ def train_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = F
         if created and not run.holds_run:  # nothing of a run to keep: leave no directory behind
             shutil.rmtree(run.root, ignore_errors=True)
         raise
+    return OpenRun(run, config, ctx, data, splits)
 
+
+def train_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = False, command: list[str] | None = None) -> dict:
+    """Run (or resume) cross-validation; returns the summary (metric -> mean, std, ci_low, ci_high, n)."""
+    opened = open_run(config, out_dir, resume, command)
+    run, config, ctx, data, splits = opened.run, opened.config, opened.ctx, opened.data, opened.splits
     progress = config.runtime.progress and ctx.is_main
-    facts = {"classes": data.classes, "in_dim": data.in_dim, "provenance": provenance(data), "bag_unit": config.data.bag_unit}
-    trainer = FoldTrainer(config, ctx, data.classes, data.in_dim, {**facts, "model": config.model.name, "run": str(run.root)})
+    trainer = FoldTrainer(config, ctx, data.classes, data.in_dim, opened.checkpoint_extra())
     folds = tqdm(splits.folds, desc=f"{config.model.name} cross-validation", unit="fold", disable=not progress)
     for fold in folds:
         fold_dir = run.fold(fold.name)
         if fold_dir.finished:
             continue  # finished in an earlier session
-        parts = FoldParts(
-            train=data.subset(fold.train, max_instances=config.data.max_instances),
-            val=data.subset(fold.val) if fold.val else None,
-            test=data.subset(fold.test),
-        )
-        metrics = trainer.run(fold, parts, fold_dir, progress=progress)
+        metrics = trainer.run(fold, opened.parts(fold), fold_dir, progress=progress)
         folds.set_postfix({config.eval.monitor: f"{metrics['test'].get(config.eval.monitor, float('nan')):.3f}"}
                           if config.eval.monitor in metrics["test"] else {})
     summary = write_report(run.root) if ctx.is_main else None

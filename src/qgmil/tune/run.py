@@ -1,0 +1,200 @@
+"""Nested tuning: for each outer (seed, fold), an Optuna study on the outer training part only, then the best
+trial's settings retrained on it and scored once on the outer test fold.
+
+A trial trains on the outer fold's training part and is scored on its validation carve-out (or, with
+tune.inner_folds = k, on k inner folds of training + validation), with the per-epoch validation score
+reported to the pruner. The test part of the outer fold is never loaded while its study runs, so no
+tuning decision can depend on it. Every trial of a fold starts from the same weights seed (common random
+numbers: settings, not luck, separate the trials). The run directory is a training run's (qgmil.rundir)
+plus tuning/: reports, predictions and `qgmil predict` read it like any other run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..data.splits import Fold, inner_folds
+from ..evaluate.metrics import HIGHER_IS_BETTER
+from ..evaluate.report import write_report
+from ..models import model_entry
+from ..models.search import Space, merge_space
+from ..rundir import RunConfig, RunDir
+from ..rundir.directory import write_csv, write_json
+from ..train.loop import FoldTrainer
+from ..train.run import OpenRun, open_run
+from .plots import plot_study
+from .settings import write_settings
+from .study import (TuneError, best_of, make_sampler, mark_alive, open_storage, open_study, optuna, recover_stale,
+                    spent, suggest)
+
+
+def search_space(config: RunConfig) -> tuple[Space, dict[str, Any]]:
+    """(searched params, fixed values) for this run: the model's default space with tune.space on top."""
+    return merge_space(model_entry(config.model.name).search_space(), config.tune.space)
+
+
+def check_space(config: RunConfig) -> None:
+    """Every extreme of every param must make a valid config: bad ranges fail before any training."""
+    space, fixed = search_space(config)
+    config.with_keys(fixed)
+    for key, param in space.items():
+        for value in param.extremes():
+            config.with_keys({**fixed, key: value})
+
+
+def _metric(config: RunConfig) -> tuple[str, str]:
+    """(validation column, direction) of the tuned metric: eval.monitor."""
+    name = "nll" if config.eval.monitor == "loss" else config.eval.monitor
+    return f"val_{name}", "maximize" if HIGHER_IS_BETTER[name] else "minimize"
+
+
+class FoldStudy:
+    """The study of one outer fold: runs trials until the budget is spent, then names the chosen settings."""
+
+    def __init__(self, opened: OpenRun, fold: Fold, storage):
+        self.opened, self.fold = opened, fold
+        self.config = opened.config
+        self.tune = self.config.tune
+        self.space, self.fixed = search_space(self.config)
+        self.column, direction = _metric(self.config)
+        if self.tune.inner_folds:
+            self.inner = inner_folds(opened.data.table, fold, self.tune.inner_folds, seed=fold.seed * 1000 + fold.fold)
+        else:
+            if not fold.val:
+                raise TuneError(f"{fold.name}: no validation part to score trials on; set eval.val_fraction > 0 "
+                                "or tune.inner_folds")
+            self.inner = [Fold(fold.name, fold.seed, fold.fold, fold.train, fold.val, [])]
+        self.steps = len(self.inner) * self.config.optim.epochs
+        self.study = open_study(storage, fold.name, self.tune, direction, self.steps)
+
+    def objective(self, trial) -> float:
+        mark_alive(trial)
+        params = suggest(trial, self.space)
+        try:
+            config = self.config.with_keys({**self.fixed, **params})
+        except ValueError as err:  # settings that do not fit together: a failed trial, counted
+            trial.set_user_attr("error", str(err))
+            raise
+        trainer = FoldTrainer(config, self.opened.ctx, self.opened.data.classes, self.opened.data.in_dim, {})
+        scores, epochs = [], 0
+        for j, inner in enumerate(self.inner):
+
+            def on_epoch(epoch: int, row: dict, j=j) -> None:
+                nonlocal epochs
+                epochs += 1
+                trial.set_user_attr("epochs", epochs)
+                trial.set_user_attr("alive_at", time.time())
+                value = row.get(self.column)
+                if value is None or math.isnan(value):
+                    return
+                trial.report(value, j * config.optim.epochs + epoch)
+                if trial.should_prune():
+                    raise optuna().TrialPruned()
+
+            try:
+                info = trainer.fit(inner, self.opened.parts(inner, config), None, progress=False, on_epoch=on_epoch)
+            except optuna().TrialPruned:
+                raise
+            except Exception as err:  # noqa: BLE001 - recorded so the trial counts; the study goes on
+                trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+                raise
+            scores.append(info["history"][info["best_epoch"]].get(self.column, math.nan))
+        return statistics.fmean(scores)
+
+    def run(self, progress: bool) -> None:
+        """Trials until tune.trials count (other workers' included); resumable at trial granularity."""
+        state = optuna().trial.TrialState
+        bar = tqdm(total=self.tune.trials, desc=f"{self.fold.name} tuning", unit="trial", leave=False,
+                   disable=not progress)
+        while True:
+            recover_stale(self.study)
+            used = spent(self.study)
+            bar.n = min(len(used), self.tune.trials)
+            bar.refresh()
+            if len(used) >= self.tune.trials:
+                break
+            # seeded by the budget position, so a trial redone after a crash draws what the lost one drew
+            self.study.sampler = make_sampler(self.tune, len(used), self.fold.seed * 1000 + self.fold.fold)
+            self.study.optimize(self.objective, n_trials=1, catch=(Exception,))
+        bar.close()
+        finished = [t for t in spent(self.study) if t.state != state.RUNNING]
+        if len(finished) < self.tune.trials:  # other workers still run trials of this study: wait for them
+            while len([t for t in spent(self.study) if t.state != state.RUNNING]) < self.tune.trials:
+                time.sleep(5)
+                recover_stale(self.study)
+
+    def chosen(self) -> dict:
+        """chosen.json: the best trial's settings and what the study spent."""
+        state = optuna().trial.TrialState
+        counted = spent(self.study)[: self.tune.trials]
+        best = best_of(self.study, self.tune.trials)
+        if best is None:
+            errors = sorted({t.user_attrs.get("error", "") for t in counted} - {""})
+            raise TuneError(f"{self.fold.name}: no trial completed ({'; '.join(errors[:3]) or 'all pruned'})")
+        return {
+            "fold": self.fold.name, "params": {k: best.params[k] for k in self.space}, "fixed": self.fixed,
+            "value": best.value, "metric": self.column[4:], "best_trial": best.number,
+            "trials": len(counted),
+            "complete": sum(t.state == state.COMPLETE for t in counted),
+            "pruned": sum(t.state == state.PRUNED for t in counted),
+            "failed": sum(t.state == state.FAIL for t in counted),
+            "trial_epochs": sum(int(t.user_attrs.get("epochs", 0)) for t in counted),
+            "inner_folds": len(self.inner),
+        }
+
+    def write(self, run: RunDir) -> dict:
+        folder = run.tuning_dir(self.fold.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        chosen = self.chosen()
+        frame = self.study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
+        write_csv(folder / "trials.csv", frame)
+        plot_study(self.study, folder, self.column[4:])
+        write_json(folder / "chosen.json", chosen)  # last: the fold retrains from it
+        return chosen
+
+
+def tune_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = False,
+             command: list[str] | None = None, studies_only: bool = False) -> dict:
+    """Nested tuning over every outer fold of the run in `out_dir`; returns the summary of the test folds
+    (as train_run). `studies_only`: run the studies and write chosen.json, but no retraining (cluster
+    workers that share the studies)."""
+    if config is not None:
+        check_space(config)
+    optuna()  # a clear error before any directory is made
+    opened = open_run(config, out_dir, resume, command)
+    run, config, ctx = opened.run, opened.config, opened.ctx
+    if ctx.enabled:
+        raise TuneError("qgmil tune runs one process per study; under torchrun, run `qgmil train` with the chosen "
+                        "settings instead")
+    check_space(config)
+    storage = open_storage(run, config.tune)
+    progress = config.runtime.progress
+    folds = tqdm(opened.splits.folds, desc=f"{config.model.name} nested tuning", unit="fold", disable=not progress)
+    for fold in folds:
+        fold_dir = run.fold(fold.name)
+        if fold_dir.finished:
+            continue
+        chosen_path = run.tuning_dir(fold.name) / "chosen.json"
+        if chosen_path.exists():
+            chosen = json.loads(chosen_path.read_text())
+        else:
+            study = FoldStudy(opened, fold, storage)
+            study.run(progress)
+            chosen = study.write(run)
+        if studies_only:
+            continue
+        tuned = config.with_keys({**chosen["fixed"], **chosen["params"]})
+        trainer = FoldTrainer(tuned, ctx, opened.data.classes, opened.data.in_dim,
+                              {**opened.checkpoint_extra(), "tuned": chosen["params"]})
+        trainer.run(fold, opened.parts(fold, tuned), fold_dir, progress=progress)
+    if studies_only:
+        return {}
+    write_settings(run, search_space(config)[0])
+    return write_report(run.root)
