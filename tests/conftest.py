@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slurm import slurm_cluster  # noqa: F401  (the single-node SLURM cluster fixture, tests/slurm.py)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("QGMIL_FIXTURES", REPO.parent / "shared" / "fixtures" / "qgmil_reference"))
