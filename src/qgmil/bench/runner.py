@@ -5,7 +5,8 @@ What the grid is and where everything goes in OUT/ is qgmil.bench.spec's; the ta
 qgmil.bench.report's. Rerun the same command to continue: finished cells are skipped, unfinished ones
 resume fold by fold. `workers` runs cells in that many processes at once; `shard=(i, n)` runs only the
 cells whose index % n == i, so the grid can be split over machines sharing OUT; `report_only` rebuilds
-the tables from whatever cells have finished.
+the tables from whatever cells have finished. With the slurm executor (qgmil.bench.cluster) the cells are
+SLURM array tasks instead of local processes: the same train_cell runs in each.
 """
 
 from __future__ import annotations
@@ -168,18 +169,22 @@ def run_benchmark(
     shard: tuple[int, int] | None = None,
     report_only: bool = False,
     progress: bool = False,
+    wait: bool = False,
     echo: Callable[[str], None] = print,
     command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the cells of `spec` (this shard's; none with `report_only`) into `out`, in `spec.workers`
-    processes, then build the tables.
+    processes (or, with spec.executor "slurm", as SLURM array tasks: submitted, and with `wait` waited
+    for), then build the tables from the finished cells.
 
     A cell that fails does not stop the others; the failures are returned (and written to
-    OUT/failures.txt). Returns build_tables' dict plus failures (a list of CellFailure) and seconds.
+    OUT/failures.txt). Returns build_tables' dict plus failures (a list of CellFailure), submitted (SLURM task
+    ids) and seconds.
     """
     out = Path(out).resolve()
     cells = plan_cells(spec, out, progress=progress)
     failures: list[CellFailure] = []
+    submitted: list[str] = []
     start = time.time()
     if not report_only:
         out.mkdir(parents=True, exist_ok=True)
@@ -191,8 +196,49 @@ def run_benchmark(
                 echo(f"{heads[cell.index]}: finished earlier, skipped")
         todo = [c for c in mine if not c.finished]
         prepare_builtin_data(todo, echo)
-        workers = max(1, min(spec.workers, len(todo)))
-        failures = _run_cells(todo, heads, workers, command or ["qgmil", "benchmark"], echo)
-        _write_failures(out, failures)
+        if spec.executor == "slurm":
+            submitted, failures = _run_on_slurm(spec, out, todo, heads, wait, echo)
+        else:
+            workers = max(1, min(spec.workers, len(todo)))
+            failures = _run_cells(todo, heads, workers, command or ["qgmil", "benchmark"], echo)
+        if spec.executor == "local" or wait:
+            _write_failures(out, failures)
     tables = build_tables(out, cells, echo=echo)
-    return {**tables, "failures": failures, "seconds": time.time() - start}
+    return {**tables, "failures": failures, "submitted": submitted, "seconds": time.time() - start}
+
+
+def _run_on_slurm(spec: BenchSpec, out: Path, todo: list[Cell], heads: dict[int, str], wait: bool,
+                  echo: Callable[[str], None]) -> tuple[list[str], list[CellFailure]]:
+    """Submit the cells of `todo` not already queued, one array task each; with `wait`, wait for them and
+    return the cells that did not finish as failures."""
+    from . import cluster
+
+    queued = cluster.queued_cells(out)
+    for cell in todo:
+        if cell.index in queued:
+            echo(f"{heads[cell.index]}: queued earlier as SLURM task {queued[cell.index]}")
+    fresh = [c for c in todo if c.index not in queued]
+    submitted = cluster.submit_cells(fresh, out, spec.slurm) if fresh else []
+    for cell, job in zip(fresh, submitted):
+        echo(f"{heads[cell.index]}: submitted as SLURM task {job}")
+    if not wait:
+        return submitted, []
+    watched = submitted + [queued[c.index] for c in todo if c.index in queued]
+    cluster.wait_for_cells(out, watched, echo)
+    failures = []
+    for cell in todo:
+        if cell.finished:
+            result = cluster.task_result(out, cell) or {}
+            f1 = result.get("summary", {}).get("macro_f1", {})
+            echo(f"{heads[cell.index]}: macro-F1 {f1.get('mean', math.nan):.3f} ± {f1.get('std', math.nan):.3f}")
+            continue
+        result = cluster.task_result(out, cell)
+        if result and "error" in result:
+            failure = CellFailure(cell, result["error"], result["traceback"])
+        else:
+            error = (f"the SLURM task ended without finishing the cell (cancelled, timed out or killed; its log is "
+                     f"in {cluster.slurm_dir(out) / 'logs'}); rerun to resume it")
+            failure = CellFailure(cell, error, error + "\n")
+        echo(f"{heads[cell.index]}: FAILED: {failure.error}")
+        failures.append(failure)
+    return submitted, failures

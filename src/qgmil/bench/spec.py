@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -71,6 +71,19 @@ class ModelSpec(_Strict):
     label: str | None = Field(None, description="name in tables and OUT/runs (default: name)")
 
 
+class SlurmOptions(_Strict):
+    """What each array task asks SLURM for (`slurm:` in the benchmark YAML, or --partition, --time-min, ...)."""
+
+    partition: str | None = Field(None, description="SLURM partition (default: the cluster's default)")
+    time_min: int = Field(240, ge=1, description="time limit per task, minutes")
+    mem_gb: float = Field(8.0, gt=0, description="memory per task")
+    cpus_per_task: int = Field(2, ge=1, description="CPUs per task (the cell's torch threads)")
+    gpus_per_task: int = Field(0, ge=0)
+    array_parallelism: int = Field(64, ge=1, description="tasks of the array running at once")
+    sbatch: dict[str, Any] = Field(default_factory=dict, description="extra sbatch options, e.g. {account: lab, qos: low}")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before each task, e.g. module load")
+
+
 def _named(value):
     return [{"name": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
@@ -85,7 +98,10 @@ class BenchSpec(_Strict):
                              description="one k-fold each: the paired tests get folds x seeds samples")
     tune: int | None = Field(None, ge=1, description="nested tuning with this many trials per outer (seed, fold), "
                              "the same for every model (tune.* keys in train); null: every model at the train keys")
-    workers: int = Field(1, ge=1, description="cells run at once, each in its own process")
+    workers: int = Field(1, ge=1, description="cells run at once, each in its own process (executor local)")
+    executor: Literal["local", "slurm"] = Field("local", description="local: this machine's processes; slurm: "
+                                                "one job-array task per cell through submitit")
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     train: dict[str, Any] = Field(default_factory=dict, description="dotted run-config keys, e.g. optim.epochs: 20")
 
     @field_validator("datasets", "models", mode="before")
@@ -140,6 +156,8 @@ def load_spec(
     seeds: list[int] | None = None,
     workers: int | None = None,
     tune: int | None = None,
+    executor: str | None = None,
+    slurm: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
 ) -> BenchSpec:
     """The YAML file (optional; `preset`: a packaged preset instead, `builtin`: the `builtin` one), with
@@ -187,6 +205,10 @@ def load_spec(
             update["workers"] = workers
         if tune is not None:
             update["tune"] = tune
+        if executor is not None:
+            update["executor"] = executor
+        if slurm:
+            update["slurm"] = {**spec.slurm.model_dump(), **slurm}
         if train:
             update["train"] = {**spec.train, **train}
         return BenchSpec.model_validate({**spec.model_dump(), **update}) if update else spec
