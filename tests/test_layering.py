@@ -25,7 +25,7 @@ LAYERS = {
     "checkpoint": 3, "convert": 3,
     "data": 4,
     "runtime": 5,
-    "extract": 6, "rundir": 6,
+    "extract": 6, "rundir": 6, "slurm": 6,
     "evaluate": 7,
     "explain": 8,
     "train": 9,

@@ -12,7 +12,7 @@ _LAZY = {
     "load_model": "checkpoint", "save_model": "checkpoint",
 }
 _SUBMODULES = {"data", "extract", "models", "train", "evaluate", "explain", "convert", "checkpoint", "rundir", "runtime",
-               "bench", "layers", "plotting"}
+               "bench", "layers", "plotting", "tune", "slurm"}
 
 __all__ = ["MILOutput", "__version__", "create_model", "data", "list_models", "load_model", "save_model"]
 

@@ -11,6 +11,7 @@ SLURM array tasks instead of local processes: the same train_cell runs in each.
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -25,7 +26,7 @@ import yaml
 
 from ..atomic import atomic_write_text
 from .report import build_tables
-from .spec import BenchmarkError, BenchSpec, Cell, plan_cells
+from .spec import BenchmarkError, BenchSpec, Cell, load_spec, plan_cells
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,20 @@ def train_cell(cell: Cell, command: list[str], threads: int | None = None) -> di
     except Exception as err:  # noqa: BLE001 - any error of one cell is reported and the others go on
         return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     return {"summary": summary, "seconds": time.time() - start}
+
+
+def run_cell_task(out: str, index: int, threads: int) -> dict[str, Any]:
+    """The body of one array task: train cell `index` of OUT/benchmark.yaml; the result goes to
+    OUT/slurm/results/<index>.json (and is returned)."""
+    from . import cluster
+
+    root = Path(out)
+    cell = plan_cells(load_spec(root / "benchmark.yaml"), root)[index]
+    result = train_cell(cell, ["qgmil", "benchmark", "(slurm task)"], threads=threads)
+    results = cluster.slurm_dir(root) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / f"{index}.json", json.dumps(result, default=str))
+    return {k: v for k, v in result.items() if k != "traceback"}
 
 
 def _cell_process(cell: Cell, command: list[str], threads: int, results) -> None:
@@ -211,6 +226,7 @@ def _run_on_slurm(spec: BenchSpec, out: Path, todo: list[Cell], heads: dict[int,
                   echo: Callable[[str], None]) -> tuple[list[str], list[CellFailure]]:
     """Submit the cells of `todo` not already queued, one array task each; with `wait`, wait for them and
     return the cells that did not finish as failures."""
+    from .. import slurm
     from . import cluster
 
     queued = cluster.queued_cells(out)
@@ -218,13 +234,13 @@ def _run_on_slurm(spec: BenchSpec, out: Path, todo: list[Cell], heads: dict[int,
         if cell.index in queued:
             echo(f"{heads[cell.index]}: queued earlier as SLURM task {queued[cell.index]}")
     fresh = [c for c in todo if c.index not in queued]
-    submitted = cluster.submit_cells(fresh, out, spec.slurm) if fresh else []
+    submitted = cluster.submit_cells(fresh, out, spec.slurm, run_cell_task) if fresh else []
     for cell, job in zip(fresh, submitted):
         echo(f"{heads[cell.index]}: submitted as SLURM task {job}")
     if not wait:
         return submitted, []
     watched = submitted + [queued[c.index] for c in todo if c.index in queued]
-    cluster.wait_for_cells(out, watched, echo)
+    slurm.wait_for(watched, echo)
     failures = []
     for cell in todo:
         if cell.finished:

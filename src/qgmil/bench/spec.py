@@ -42,6 +42,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..slurm import SlurmOptions
 from ..rundir.config import ConfigError, RunConfig, format_validation_error, load_config
 from ..rundir.directory import RunDir
 
@@ -69,19 +70,6 @@ class ModelSpec(_Strict):
     space: dict[str, Any] = Field(default_factory=dict, description="with tune: changes to this model's search "
                                   "space (as tune.space)")
     label: str | None = Field(None, description="name in tables and OUT/runs (default: name)")
-
-
-class SlurmOptions(_Strict):
-    """What each array task asks SLURM for (`slurm:` in the benchmark YAML, or --partition, --time-min, ...)."""
-
-    partition: str | None = Field(None, description="SLURM partition (default: the cluster's default)")
-    time_min: int = Field(240, ge=1, description="time limit per task, minutes")
-    mem_gb: float = Field(8.0, gt=0, description="memory per task")
-    cpus_per_task: int = Field(2, ge=1, description="CPUs per task (the cell's torch threads)")
-    gpus_per_task: int = Field(0, ge=0)
-    array_parallelism: int = Field(64, ge=1, description="tasks of the array running at once")
-    sbatch: dict[str, Any] = Field(default_factory=dict, description="extra sbatch options, e.g. {account: lab, qos: low}")
-    setup: list[str] = Field(default_factory=list, description="shell lines run before each task, e.g. module load")
 
 
 def _named(value):

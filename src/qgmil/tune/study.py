@@ -108,7 +108,9 @@ def _dead(frozen) -> bool:
         except PermissionError:  # alive, another user's
             return False
         return False
-    return time.time() - float(attrs.get("alive_at", 0.0)) > STALE_AFTER
+    # another host's trial, or one whose owner has not written its attributes yet: judged by its heartbeat
+    started = frozen.datetime_start.timestamp() if frozen.datetime_start else time.time()
+    return time.time() - float(attrs.get("alive_at", started)) > STALE_AFTER
 
 
 def recover_stale(study) -> int:
