@@ -75,7 +75,6 @@ class FoldStudy:
         self.study = open_study(storage, fold.name, self.tune, direction, self.steps)
 
     def objective(self, trial) -> float:
-        mark_alive(trial)
         params = suggest(trial, self.space)
         try:
             config = self.config.with_keys({**self.fixed, **params})
@@ -109,8 +108,13 @@ class FoldStudy:
         return statistics.fmean(scores)
 
     def run(self, progress: bool) -> None:
-        """Trials until tune.trials count (other workers' included); resumable at trial granularity."""
-        state = optuna().trial.TrialState
+        """Trials until tune.trials count, other workers' included; resumable at trial granularity.
+
+        Each trial first claims its place in the budget (ask), so workers sharing the study never run more
+        than tune.trials between them; a claim that lost the race for the last place is dropped unrun.
+        """
+        opt = optuna()
+        state = opt.trial.TrialState
         bar = tqdm(total=self.tune.trials, desc=f"{self.fold.name} tuning", unit="trial", leave=False,
                    disable=not progress)
         while True:
@@ -122,13 +126,21 @@ class FoldStudy:
                 break
             # seeded by the budget position, so a trial redone after a crash draws what the lost one drew
             self.study.sampler = make_sampler(self.tune, len(used), self.fold.seed * 1000 + self.fold.fold)
-            self.study.optimize(self.objective, n_trials=1, catch=(Exception,))
+            trial = self.study.ask()
+            mark_alive(trial)
+            if [t.number for t in spent(self.study)].index(trial.number) >= self.tune.trials:
+                self.study.tell(trial, state=state.FAIL)  # no "error": not counted
+                break
+            try:
+                self.study.tell(trial, self.objective(trial))
+            except opt.TrialPruned:
+                self.study.tell(trial, state=state.PRUNED)
+            except Exception:  # noqa: BLE001 - recorded on the trial ("error"), counted; the study goes on
+                self.study.tell(trial, state=state.FAIL)
         bar.close()
-        finished = [t for t in spent(self.study) if t.state != state.RUNNING]
-        if len(finished) < self.tune.trials:  # other workers still run trials of this study: wait for them
-            while len([t for t in spent(self.study) if t.state != state.RUNNING]) < self.tune.trials:
-                time.sleep(5)
-                recover_stale(self.study)
+        while any(t.state == state.RUNNING for t in spent(self.study)[: self.tune.trials]):
+            time.sleep(2)  # trials of other workers: the choice waits for them
+            recover_stale(self.study)
 
     def chosen(self) -> dict:
         """chosen.json: the best trial's settings and what the study spent."""
