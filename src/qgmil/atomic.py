@@ -7,6 +7,7 @@ replaced by a complete new one. Kept free of heavy imports (the slide and heatma
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,3 +36,46 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_create_text(path: str | Path, text: str) -> bool:
+    """Write `path` only if it does not exist yet, atomically: False (and nothing written) when it existed.
+
+    Two processes creating the same file at once: exactly one succeeds. The complete temporary file is
+    hard-linked into place (linking fails when the name is taken), so a reader never sees it half written;
+    on a file system without hard links it is created exclusively and then written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive creation, then the text
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def leftovers(path: str | Path) -> list[Path]:
+    """Temporary files `atomic_write(path, ...)` left behind when its process was killed mid-write.
+
+    Only the process that owns `path` (e.g. holds its lock) should remove them: another one may be writing.
+    """
+    path = Path(path)
+    # mkstemp's random part has no dot, so `.a.h5.<x>.tmp` never matches the temporaries of `a.h5.h5`.
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[^.]+\.tmp")
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))

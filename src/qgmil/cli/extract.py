@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..extract.locks import STALE_MINUTES  # a light module: `qgmil --help` still does not import torch
 from .options import command_line
 
 
@@ -31,6 +32,12 @@ def _extract_options(fn):
         click.option("--skip-errors", is_flag=True, help="Record a failing input in failed/ and go on."),
         click.option("--seed", default=0, show_default=True, help="Seed of --weights random."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--shard", metavar="I/N", help="Take only bags I, I+N, I+2N... of the sorted list (a static "
+                                                      "share per job, e.g. a SLURM array task); jobs on one --out "
+                                                      "never encode the same bag even without (lock files)."),
+        click.option("--stale-lock-minutes", default=STALE_MINUTES, type=click.FloatRange(min=0, min_open=True),
+                     show_default=True, help="Another job's lock without heartbeat for this long is taken over "
+                                             "(a dead pid on this host: at once)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -56,10 +63,11 @@ def _report_extraction(summary) -> None:
 @click.option("--no-tissue", is_flag=True, help="Tile the whole image (no tissue segmentation).")
 @click.option("--recursive", is_flag=True, help="Look for slides in subfolders too.")
 def extract_wsi(slides, out, encoder, weights, batch_size, workers, device, precision, skip_errors, seed, quiet,
-                tile_px, tile_um, magnification, mpp, min_tissue, tissue_threshold, no_tissue, recursive):
+                shard, stale_lock_minutes, tile_px, tile_um, magnification, mpp, min_tissue, tissue_threshold, no_tissue, recursive):
     """Slides (files or folders) to one feature file per slide with tile coordinates.
 
-    Run under `torchrun --nproc-per-node N qgmil extract wsi ...` to share the slides over N processes/GPUs.
+    Run under `torchrun --nproc-per-node N qgmil extract wsi ...` to share the slides over N processes/GPUs,
+    or start several jobs on one --out (e.g. SLURM array tasks): lock files keep them from encoding a slide twice.
     """
     from ..extract.wsi import DEFAULT_ENCODER as DEFAULT_WSI_ENCODER
     from ..extract.wsi import TilingSettings, extract_slides
@@ -69,7 +77,7 @@ def extract_wsi(slides, out, encoder, weights, batch_size, workers, device, prec
     summary = extract_slides(slides, out, encoder or DEFAULT_WSI_ENCODER, weights=weights, settings=settings,
                              batch_size=batch_size, num_workers=workers, device=device, precision=precision,
                              skip_errors=skip_errors, recursive=recursive, seed=seed, progress=not quiet,
-                             command=" ".join(command_line()))
+                             command=" ".join(command_line()), shard=shard, stale_minutes=stale_lock_minutes)
     _report_extraction(summary)
 
 
@@ -82,7 +90,7 @@ def extract_wsi(slides, out, encoder, weights, batch_size, workers, device, prec
 @click.option("--sample-column", default="sample_id", help="Sample id column of --table.")
 @click.option("--cell-px", type=int, help="Side cells are resized to (default: the encoder's input size).")
 def extract_cells_cmd(root, out, encoder, weights, batch_size, workers, device, precision, skip_errors, seed, quiet,
-                      table, path_column, sample_column, cell_px):
+                      shard, stale_lock_minutes, table, path_column, sample_column, cell_px):
     """Single-cell images to one feature file per sample: ROOT/<sample>/*.png (any depth), or --table."""
     from ..extract.cells import DEFAULT_ENCODER as DEFAULT_CELL_ENCODER
     from ..extract.cells import extract_cells
@@ -90,7 +98,8 @@ def extract_cells_cmd(root, out, encoder, weights, batch_size, workers, device, 
     summary = extract_cells(root, out, encoder or DEFAULT_CELL_ENCODER, table=table, path_column=path_column,
                             sample_column=sample_column, weights=weights, cell_px=cell_px, batch_size=batch_size,
                             num_workers=workers, device=device, precision=precision, skip_errors=skip_errors,
-                            seed=seed, progress=not quiet, command=" ".join(command_line()))
+                            seed=seed, progress=not quiet, command=" ".join(command_line()), shard=shard,
+                            stale_minutes=stale_lock_minutes)
     _report_extraction(summary)
 
 

@@ -4,7 +4,8 @@
     tissue.py    tissue segmentation on a thumbnail
     tiling.py    tile grid at a physical size over the tissue; a Dataset that reads the tiles
     encoders.py  image encoders on timm (resnet50_trunc, UNI, DinoBloom, any timm model)
-    engine.py    the shared loop: resumable, failures recorded, torchrun sharding
+    engine.py    the shared loop: resumable, failures recorded, torchrun sharding, several jobs on one folder
+    locks.py     per-bag lock files (host, pid, heartbeat) so that jobs never encode a bag twice
     wsi.py       extract_slides;  cells.py  extract_cells
 
 Names are imported lazily so that `qgmil.extract.slide` (used by the heatmaps) does not pull in torch.

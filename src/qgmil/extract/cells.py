@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..runtime import init_distributed
-from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, run_extraction
+from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, parse_shard, run_extraction
+from .locks import STALE_MINUTES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -127,13 +128,17 @@ def extract_cells(
     seed: int = 0,
     progress: bool = True,
     command: str | None = None,
+    shard: str | tuple[int, int] | None = None,
+    stale_minutes: float = STALE_MINUTES,
 ) -> ExtractSummary:
     """Extract one bag per sample (folder tree under `root`, or `table`) into `out` (resumable, torchrun-aware).
 
     cell_px: side the cells are resized to before the encoder (default: the encoder's input size, else 224).
+    shard, stale_minutes: as in `extract_slides` (several jobs on one folder).
     """
     from .encoders import create_encoder
 
+    shard = parse_shard(shard)
     if (root is None) == (table is None):
         raise ExtractError("give either a root folder of sample folders or --table, not both or neither")
     samples = find_samples(root) if table is None else samples_from_table(table, path_column, sample_column)
@@ -156,4 +161,5 @@ def extract_cells(
                            {"instance_names": sample.names})
 
     return run_extraction(sources, out, model, prepare, manifest=manifest, dist=dist, batch_size=batch_size,
-                          num_workers=num_workers, precision=precision, skip_errors=skip_errors, progress=progress)
+                          num_workers=num_workers, precision=precision, skip_errors=skip_errors, progress=progress,
+                          shard=shard, stale_minutes=stale_minutes)

@@ -4,23 +4,31 @@ Output folder (`out`):
   extract.json          what was extracted and how (encoder, weights, settings); a rerun must match it
   features/<bag>.h5     one bag per file (this project's layout, written atomically: a file that exists is complete)
   failed/<bag>.txt      why a bag failed (removed when a later run succeeds)
-  bags.csv              one row per bag of the last run: status, instances, seconds, error
+  locks/<bag>.lock      the job encoding the bag right now (see `locks`)
+  jobs/<time>-<host>-<pid>.csv   one row per bag of one job: status, instances, seconds, error
+  bags.csv              one row per bag, merged over the jobs: its latest outcome
 
-Rerunning skips bags whose feature file exists (resume). Under `torchrun` each rank takes a disjoint share of
-the bags (sorted, round-robin), so ranks never write the same file; rank 0 writes the summary.
+Rerunning skips bags whose feature file exists (resume). Several jobs may run on one folder at once (SLURM
+array tasks, other machines): a job claims each bag by its lock file first and skips bags other live jobs
+hold ("busy"), so no bag is encoded twice; `shard=(i, n)` gives a job a static share besides. Under `torchrun`
+each rank takes a disjoint share of the job's bags (sorted, round-robin); rank 0 writes the job's summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import time
 import traceback
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +36,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_create_text, atomic_write_text, leftovers
 from ..data.bagfile import write_bag
 from ..runtime import Dist, all_gather, autocast_dtype, barrier
+from .locks import STALE_MINUTES, BagLocks, Holder, LockBusy
 
 MANIFEST = "extract.json"
 PREPARE_AHEAD = 2  # bags prepared in background threads while one is encoded
+OUTCOMES = ("done", "failed", "empty")  # what a job found out about a bag (skipped and busy say nothing new)
 
 
 class ExtractError(ValueError):
@@ -68,11 +78,14 @@ class BagResult:
     bag_id: str
     source: str
     status: str  # done | skipped (already extracted) | failed | empty (no instance, e.g. no tissue)
+    #              | busy (another job holds its lock; error says which)
     num_instances: int = 0
     seconds: float = 0.0
     encode_seconds: float = 0.0
     prepare_wait_seconds: float = 0.0  # waiting for the bag's preparation (slide open, tissue, tiling)
     error: str = ""
+    job: str = ""  # the process that reported it (host:pid, SLURM job)
+    finished: str = field(default_factory=lambda: _now().isoformat(timespec="milliseconds"))  # UTC
 
 
 @dataclass
@@ -102,12 +115,15 @@ class ExtractSummary:
         return sum(r.encode_seconds for r in done) / seconds if seconds > 0 else 0.0
 
     def format(self) -> str:
+        busy = f", {self.count('busy')} busy in other jobs (rerun to pick up what they leave)" \
+            if self.count("busy") else ""
         lines = [f"{self.count('done')} extracted, {self.count('skipped')} already done, "
-                 f"{self.count('empty')} empty, {len(self.failed)} failed in {self.seconds:.1f} s "
+                 f"{self.count('empty')} empty, {len(self.failed)} failed{busy} in {self.seconds:.1f} s "
                  f"({self.instances_per_second:.1f} instances/s, encoder busy {100 * self.encoder_busy:.0f}%)"
                  f" -> {self.out}"]
         lines += [f"  FAILED {r.bag_id} ({r.source}): {r.error}" for r in self.failed]
         lines += [f"  empty  {r.bag_id} ({r.source}): {r.error}" for r in self.results if r.status == "empty"]
+        lines += [f"  busy   {r.bag_id}: {r.error}" for r in self.results if r.status == "busy"]
         return "\n".join(lines)
 
 
@@ -123,34 +139,99 @@ def make_manifest(kind: str, encoder, settings: dict, command: str | None = None
 
 
 def check_manifest(out: Path, manifest: dict) -> None:
-    """Write `extract.json`, or check that an existing one describes the same extraction (resume)."""
+    """Write `extract.json`, or check that an existing one describes the same extraction (resume).
+
+    Created exclusively: of two jobs starting together on a new folder one writes it and the other checks
+    against it, so two jobs with different settings never both go on.
+    """
     path = out / MANIFEST
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ExtractError(f"{path}: not valid JSON ({err})") from None
-        keys = ("kind", "encoder", "settings")
-        differ = [k for k in keys if old.get(k) != manifest.get(k)]
-        if differ:
-            details = "; ".join(f"{k}: was {old.get(k)!r}, now {manifest.get(k)!r}" for k in differ)
-            raise ExtractError(f"{out} holds another extraction ({details}). Use another --out, or rerun with the "
-                               "same settings to resume.")
+    if atomic_create_text(path, json.dumps(manifest, indent=2) + "\n"):
         return
-    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExtractError(f"{path}: not valid JSON ({err})") from None
+    keys = ("kind", "encoder", "settings")
+    differ = [k for k in keys if old.get(k) != manifest.get(k)]
+    if differ:
+        details = "; ".join(f"{k}: was {old.get(k)!r}, now {manifest.get(k)!r}" for k in differ)
+        raise ExtractError(f"{out} holds another extraction ({details}). Use another --out, or rerun with the "
+                           "same settings to resume.")
 
 
 def feature_path(out: Path, bag_id: str) -> Path:
     return out / "features" / f"{bag_id}.h5"
 
 
-def _write_results(out: Path, results: Sequence[BagResult]) -> None:
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """"I/N" (or (I, N)) -> (I, N) with 0 <= I < N: a job's static share of the sorted bags."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise ExtractError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
+    else:
+        i, n = shard
+    if not 0 <= i < n:
+        raise ExtractError(f"--shard {shard!r}: need 0 <= I < N")
+    return int(i), int(n)
+
+
+def _share(sources: Sequence[BagSource], shard: tuple[int, int] | None, dist: Dist) -> list[BagSource]:
+    """This process's bags: the job's shard of the sorted bags, then this torchrun rank's share of it."""
+    ordered = sorted(sources, key=lambda s: s.bag_id)
+    if shard is not None:
+        ordered = ordered[shard[0]::shard[1]]
+    return ordered[dist.rank::dist.world]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+SUMMARY_COLUMNS = ["bag_id", "source", "status", "num_instances", "seconds", "encode_seconds", "prepare_wait_seconds",
+                   "error", "job", "finished"]
+
+
+def job_summary_path(out: Path, started: datetime, holder: Holder) -> Path:
+    """jobs/<start time>-<host>-<pid>.csv: unique per job (a pid is reused only later), sorted by start."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", holder.host)
+    return out / "jobs" / f"{started.strftime('%Y%m%dT%H%M%S.%f')}-{host}-{holder.pid}.csv"
+
+
+def merge_summaries(files: Sequence[Path], bag_ids: set[str]):
+    """bags.csv from the job summaries: per bag of `bag_ids`, the latest outcome (done, failed, empty), else
+    the latest row (skipped, busy). A summary that cannot be read is left out with a warning."""
     import pandas as pd
 
-    frame = pd.DataFrame([r.__dict__ for r in results],
-                         columns=["bag_id", "source", "status", "num_instances", "seconds", "encode_seconds",
-                                  "prepare_wait_seconds", "error"])
-    atomic_write_text(out / "bags.csv", frame.to_csv(index=False))
+    frames = []
+    for path in files:
+        try:  # as text: the rows are copied, not computed with
+            frames.append(pd.read_csv(path, dtype=str, keep_default_na=False))
+        except (OSError, ValueError) as err:
+            warnings.warn(f"{path}: cannot read this job summary ({err}); left out of bags.csv", stacklevel=2)
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    rows = rows.reindex(columns=SUMMARY_COLUMNS, fill_value="")
+    rows = rows[rows["bag_id"].isin(bag_ids)]
+    rows = rows.assign(_outcome=rows["status"].isin(OUTCOMES))
+    rows = rows.sort_values(["_outcome", "finished"], kind="stable").drop_duplicates("bag_id", keep="last")
+    return rows.drop(columns="_outcome").sort_values("bag_id")
+
+
+def _write_results(out: Path, results: Sequence[BagResult], job_file: Path, bag_ids: set[str]) -> None:
+    """This job's summary, then bags.csv merged over every job's."""
+    import pandas as pd
+
+    frame = pd.DataFrame([dataclasses.asdict(r) for r in results], columns=SUMMARY_COLUMNS)
+    atomic_write_text(job_file, frame.to_csv(index=False))
+    # Jobs ending together may each miss the other's summary. Each looks again after writing bags.csv and
+    # rebuilds it until no summary appeared meanwhile: then the last bags.csv written holds them all.
+    listed = None
+    while (files := sorted((out / "jobs").glob("*.csv"))) != listed:
+        listed = files
+        atomic_write_text(out / "bags.csv", merge_summaries(files, bag_ids).to_csv(index=False))
 
 
 # --- encoding -----------------------------------------------------------------------------------
@@ -208,10 +289,15 @@ def run_extraction(
     precision: str = "auto",
     skip_errors: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
+    stale_minutes: float = STALE_MINUTES,
 ) -> ExtractSummary:
-    """Extract every bag of `sources` not yet in `out`; this rank takes sources[rank::world].
+    """Extract every bag of `sources` not yet in `out`, nor being extracted by another job.
 
-    num_workers: DataLoader workers reading images (None: cores - 1, at most 8).
+    This process takes its share: the sorted bags, then `shard` (i, n): every n-th from the i-th, then the
+    torchrun rank's sources[rank::world]. Each bag is claimed by its lock file first; a bag another live job
+    holds is reported "busy" and left to it. num_workers: DataLoader workers reading images (None: cores - 1,
+    at most 8). stale_minutes: a lock whose heartbeat is older may be taken over (see `locks`).
 
     A bag that fails (unreadable slide, no mpp...) stops the run unless `skip_errors`: then it is recorded in
     failed/<bag>.txt and bags.csv, and the others go on. Nothing written before is lost either way.
@@ -232,37 +318,75 @@ def run_extraction(
     if not dist.is_main:
         check_manifest(out, manifest)  # every rank refuses a foreign folder, not only rank 0
 
-    start = time.perf_counter()
-    mine = sorted(sources, key=lambda s: s.bag_id)[dist.rank::dist.world]
+    start, started = time.perf_counter(), _now()
+    locks = BagLocks(out / "locks", stale_after=stale_minutes * 60)
+    job = str(locks.me)
+    mine = _share(sources, shard, dist)
     finished = {s.bag_id for s in mine if feature_path(out, s.bag_id).exists()}
-    results = [BagResult(s.bag_id, s.source, "skipped") for s in mine if s.bag_id in finished]
+    results = [BagResult(s.bag_id, s.source, "skipped", job=job) for s in mine if s.bag_id in finished]
     todo = [s for s in mine if s.bag_id not in finished]
     num_workers = resolve_workers(num_workers)
     encoder = encoder.to(dist.device)
     show = progress and dist.is_main
-    with ThreadPoolExecutor(max_workers=PREPARE_AHEAD, thread_name_prefix="qgmil-prepare") as pool:
-        # The next bags are prepared (slide opened, tissue segmented, tiles planned) while this one is encoded;
-        # the work is numpy/scipy/Pillow/openslide, which release the GIL, so threads run it side by side.
-        pending = deque(pool.submit(prepare, s) for s in todo[:PREPARE_AHEAD])
-        for i, source in enumerate(tqdm(todo, desc="bags", unit="bag", disable=not show, position=0)):
-            current = pending.popleft()
-            if i + PREPARE_AHEAD < len(todo):
-                pending.append(pool.submit(prepare, todo[i + PREPARE_AHEAD]))
-            results.append(_extract_one(source, current, out, encoder, dist.device, batch_size, num_workers,
-                                        precision, skip_errors, show))
+    with tqdm(total=len(todo), desc="bags", unit="bag", disable=not show, position=0) as bar, locks, \
+            ThreadPoolExecutor(max_workers=PREPARE_AHEAD, thread_name_prefix="qgmil-prepare") as pool:
+        # A bag is claimed when its preparation starts: the slide opened, tissue segmented, tiles planned, in
+        # threads while the bag before is encoded (numpy/scipy/Pillow/openslide release the GIL).
+        claimed = _claim_each(todo, locks, out, results, bar)
+        pending: deque[tuple[BagSource, Future]] = deque()
+
+        def prepare_next() -> None:
+            source = next(claimed, None)
+            if source is not None:
+                pending.append((source, pool.submit(prepare, source)))
+
+        for _ in range(PREPARE_AHEAD):
+            prepare_next()
+        while pending:
+            source, prepared = pending.popleft()
+            prepare_next()
+            try:
+                results.append(_extract_one(source, prepared, out, encoder, dist.device, batch_size, num_workers,
+                                            precision, skip_errors, show, locks))
+            finally:  # after the feature file is in place or failed/<bag>.txt written, or on the way out
+                locks.release(source.bag_id)
+            bar.update()
 
     gathered = [r for part in all_gather(results, dist) for r in part]
     summary = ExtractSummary(out, sorted(gathered, key=lambda r: r.bag_id), time.perf_counter() - start)
     if dist.is_main:
-        _write_results(out, summary.results)
+        _write_results(out, summary.results, job_summary_path(out, started, locks.me), set(ids))
     barrier(dist)
     return summary
 
 
+def _claim_each(todo: Sequence[BagSource], locks: BagLocks, out: Path, results: list[BagResult], bar: tqdm):
+    """Yield the bags of `todo` this job claims; the others go to `results` (busy, or finished meanwhile)."""
+    for source in todo:
+        try:
+            recovered = locks.claim(source.bag_id)
+        except LockBusy as busy:
+            results.append(BagResult(source.bag_id, source.source, "busy", error=f"locked by {busy.by}",
+                                     job=str(locks.me)))
+            bar.update()
+            continue
+        target = feature_path(out, source.bag_id)
+        if target.exists():  # finished by another job since the start: it wrote the file before unlocking
+            locks.release(source.bag_id)
+            results.append(BagResult(source.bag_id, source.source, "skipped", job=str(locks.me)))
+            bar.update()
+            continue
+        if recovered:  # the job that held the lock was killed, maybe mid-write: nobody else writes this bag now
+            for tmp in leftovers(target):
+                tmp.unlink(missing_ok=True)
+        yield source
+
+
 def _extract_one(source: BagSource, prepared: Future, out: Path, encoder, device, batch_size, num_workers,
-                 precision, skip_errors: bool, show: bool) -> BagResult:
+                 precision, skip_errors: bool, show: bool, locks: BagLocks) -> BagResult:
     target = feature_path(out, source.bag_id)
     failed = out / "failed" / f"{source.bag_id}.txt"
+    job = str(locks.me)
     start = time.perf_counter()
     try:
         bag = prepared.result()
@@ -272,24 +396,30 @@ def _extract_one(source: BagSource, prepared: Future, out: Path, encoder, device
             # No instance (e.g. no tissue found): no feature file, so that training never sees an empty bag.
             reason = bag.attrs.get("empty_reason", "no instance to extract")
             atomic_write_text(failed, f"{source.source}: {reason}\n")
-            return BagResult(source.bag_id, source.source, "empty", error=reason)
+            return BagResult(source.bag_id, source.source, "empty", error=reason, job=job)
         with tqdm(total=n, desc=source.bag_id, unit="img", leave=False, disable=not show, position=1) as bar:
             features, busy = encode_dataset(bag.dataset, encoder, device=device, batch_size=batch_size,
                                             num_workers=num_workers, precision=precision, progress=bar)
         attrs = {"encoder": encoder_label(encoder), "encoder_version": encoder.version,
-                 "encoder_weights": encoder.weights, "feature_dim": int(features.shape[1]), **bag.attrs}
+                 "encoder_weights": encoder.weights, "feature_dim": int(features.shape[1]), **bag.attrs,
+                 "extracted_by": job}
+        locks.verify(source.bag_id)  # another job took the bag over (this one had stopped beating): it writes
         write_bag(target, features, bag.coords, attrs=attrs, extras=bag.extras)
     except (KeyboardInterrupt, SystemExit):
         raise
+    except LockBusy as lost:
+        return BagResult(source.bag_id, source.source, "busy", seconds=time.perf_counter() - start,
+                         error=f"lock taken over by {lost.by} while encoding; not written", job=job)
     except Exception as err:  # any problem with one input is reported against that input
         message = f"{type(err).__name__}: {err}"
         if not skip_errors:
             where = "" if source.source in str(err) else f"{source.source}: "  # slide errors name the file already
             raise ExtractError(f"{where}{message} (use --skip-errors to go on with the others)") from err
         atomic_write_text(failed, f"{source.source}: {message}\n\n{traceback.format_exc()}")
-        return BagResult(source.bag_id, source.source, "failed", seconds=time.perf_counter() - start, error=message)
+        return BagResult(source.bag_id, source.source, "failed", seconds=time.perf_counter() - start, error=message,
+                         job=job)
     failed.unlink(missing_ok=True)
-    return BagResult(source.bag_id, source.source, "done", n, time.perf_counter() - start, busy, waited)
+    return BagResult(source.bag_id, source.source, "done", n, time.perf_counter() - start, busy, waited, job=job)
 
 
 def encoder_label(encoder) -> str:

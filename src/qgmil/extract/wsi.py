@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import init_distributed
-from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, run_extraction
+from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, parse_shard, run_extraction
+from .locks import STALE_MINUTES
 from .slide import PLAIN_SUFFIXES, WSI_SUFFIXES, open_slide
 from .tiling import TileDataset, plan_tiles
 from .tissue import save_mask_png, segment_tissue
@@ -145,10 +146,17 @@ def extract_slides(
     seed: int = 0,
     progress: bool = True,
     command: str | None = None,
+    shard: str | tuple[int, int] | None = None,
+    stale_minutes: float = STALE_MINUTES,
 ) -> ExtractSummary:
-    """Extract features of every slide in `slides` (files or folders) into `out` (resumable, torchrun-aware)."""
+    """Extract features of every slide in `slides` (files or folders) into `out` (resumable, torchrun-aware).
+
+    shard: "I/N" or (I, N), this job's static share of the sorted slides; jobs on one folder never encode the
+    same slide even without (lock files, see `engine`). stale_minutes: when another job's lock counts as stale.
+    """
     from .encoders import create_encoder
 
+    shard = parse_shard(shard)
     settings = settings or TilingSettings()
     out = Path(out)
     sources = [BagSource(p.stem, str(p)) for p in find_slides(slides, recursive)]
@@ -163,5 +171,5 @@ def extract_slides(
     return run_extraction(
         sources, out, model, lambda source: prepare_slide(source, settings, out), manifest=manifest, dist=dist,
         batch_size=batch_size, num_workers=num_workers, precision=precision, skip_errors=skip_errors,
-        progress=progress,
+        progress=progress, shard=shard, stale_minutes=stale_minutes,
     )
