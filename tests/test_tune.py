@@ -42,16 +42,15 @@ def trials_of(run_dir, fold):
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_space_builds_at_its_extremes(name):
     """Each registered model declares a search space, and every extreme of it builds a working model."""
+    import torch
+
     space = model_entry(name).search_space()
     assert {"optim.lr", "optim.weight_decay"} <= set(space)
-    for key, param in space.items():
-        if not key.startswith("model.overrides."):
-            continue
-        for value in param.extremes():
-            model = create_model(name, in_dim=8, num_classes=3, **{key.removeprefix("model.overrides."): value})
-            import torch
-
-            assert model(torch.randn(1, 5, 8)).logits.shape == (1, 3)
+    knobs = {k.removeprefix("model.overrides."): p.extremes() for k, p in space.items() if k.startswith("model.")}
+    for i in range(max(map(len, knobs.values()), default=0)):  # every value of every knob, several at once
+        overrides = {k: values[min(i, len(values) - 1)] for k, values in knobs.items()}
+        model = create_model(name, in_dim=8, num_classes=3, **overrides)
+        assert model(torch.randn(1, 5, 8)).logits.shape == (1, 3), overrides
     config = load_config(None, [], {"data.builtin": "musk1", "model.name": name})
     check_space(config)
 
@@ -194,3 +193,24 @@ def test_benchmark_tune_gives_every_model_the_same_budget(digits, tmp_path):
     tests = pd.read_csv(out / "significance.csv")
     assert list(tests["baseline"]) == ["mean_pool"] and (tests["pairs"] == 4).all()
     assert "over the 4 (seed, fold) test parts of each cell" in (out / "results.md").read_text()
+
+
+def counted(run_dir, fold):
+    """The fold's trials that count against the budget (complete or pruned) and the pids that ran them."""
+    study = optuna.load_study(study_name=fold, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(RunDir(run_dir).study_journal))))
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    return done, {t.user_attrs["pid"] for t in done}
+
+
+def test_parallel_workers_share_each_study_within_its_budget(digits, tmp_path):
+    """`--parallel 2`: two processes run the trials of each study between them, never more than tune.trials."""
+    out = tmp_path / "run"
+    summary = tune_run(tiny_config(digits / "labels.csv", digits / "features", **{"tune.trials": 6}), out, workers=2)
+    assert summary["macro_f1"]["n"] == 2
+    pids = set()
+    for fold in ("seed0-fold0", "seed0-fold1"):
+        done, by = counted(out, fold)
+        assert len(done) == 6 and RunDir(out).read_chosen()[fold]["trials"] == 6
+        pids |= by
+    assert len(pids) == 2  # both processes ran trials

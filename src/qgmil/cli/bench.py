@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import command_line, training_keys, training_options
+from .options import command_line, slurm_keys, slurm_options, training_keys, training_options
 
 BUILTIN_OUT = "qgmil-benchmark"  # --out of `qgmil benchmark --builtin` when none is given
 
@@ -31,15 +31,7 @@ def _exit_on_failures(failures, out) -> None:
 @click.option("--seeds", help="Comma-separated seeds, one k-fold each (default 0,1,2).")
 @click.option("--workers", type=click.IntRange(1), help="Cells trained at once, each in its own process (default 1).")
 @click.option("--tune", type=click.IntRange(1), help="Nested tuning: N trials per outer (seed, fold) for every model.")
-@click.option("--executor", type=click.Choice(["local", "slurm"]), help="local processes (default) or SLURM array tasks.")
-@click.option("--partition", help="SLURM partition (slurm.partition).")
-@click.option("--time-min", type=click.IntRange(1), help="SLURM time limit per cell task, minutes (default 240).")
-@click.option("--mem-gb", type=float, help="SLURM memory per cell task (default 8).")
-@click.option("--cpus-per-task", type=click.IntRange(1), help="SLURM CPUs per cell task = its torch threads (default 2).")
-@click.option("--gpus-per-task", type=click.IntRange(0), help="SLURM GPUs per cell task (default 0).")
-@click.option("--sbatch", "sbatch_options", multiple=True, metavar="KEY=VALUE",
-              help="Extra sbatch option for every task, e.g. account=lab or qos=low (repeatable).")
-@click.option("--wait", is_flag=True, help="With --executor slurm: wait for the tasks, then build the tables.")
+@slurm_options
 @training_options
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Run-config key for every cell, e.g. eval.patience=5.")
 @click.option("--out", type=click.Path(file_okay=False),
@@ -47,8 +39,8 @@ def _exit_on_failures(failures, out) -> None:
 @click.option("--shard", metavar="I/N", help="Run only the cells with index % N == I (split the grid over machines).")
 @click.option("--report-only", is_flag=True, help="Train nothing; rebuild the tables from the finished cells.")
 @click.option("--progress", is_flag=True, help="Also show per-fold progress bars (not with --workers > 1).")
-def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, tune, executor, sbatch_options, wait, sets,
-              out, shard, report_only, progress, **flags):
+def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, tune, executor, wait, sets, out, shard,
+              report_only, progress, **flags):
     """Cross-validate every model on every dataset into --out and build the paper's tables.
 
     `qgmil benchmark --datasets musk1,elephant --models ablation,abmil --out BENCH` writes one run per
@@ -64,10 +56,7 @@ def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, tune
     if out is None and not builtin:
         raise click.UsageError("missing option --out (the benchmark directory)")
     out = out or BUILTIN_OUT
-    slurm = {key: flags.pop(key) for key in ("partition", "time_min", "mem_gb", "cpus_per_task", "gpus_per_task")}
-    slurm = {k: v for k, v in slurm.items() if v is not None}
-    if sbatch_options:
-        slurm["sbatch"] = dict(parse_set(list(sbatch_options)))
+    slurm = slurm_keys(flags)
     train = training_keys(flags)
     train.update(dict(parse_set(list(sets))))
     spec = load_spec(

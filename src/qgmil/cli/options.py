@@ -47,3 +47,39 @@ def training_keys(flags: dict) -> dict:
     """The run-config keys of the TRAINING_FLAGS given on the command line (popped from `flags`)."""
     values = {flag: flags.pop(flag, None) for flag in TRAINING_FLAGS}
     return {TRAINING_FLAGS[flag][0]: v for flag, v in values.items() if v is not None}
+
+
+#: flags that set one SLURM option of a task (qgmil.slurm.SlurmOptions): flag -> (type, help)
+SLURM_FLAGS = {
+    "partition": (str, "SLURM partition (slurm.partition)."),
+    "time_min": (click.IntRange(1), "SLURM time limit per task, minutes (default 240)."),
+    "mem_gb": (float, "SLURM memory per task, GB (default 8)."),
+    "cpus_per_task": (click.IntRange(1), "SLURM CPUs per task = its torch threads (default 2)."),
+    "gpus_per_task": (click.IntRange(0), "SLURM GPUs per task (default 0)."),
+}
+
+
+def slurm_options(fn):
+    """--executor, --partition, --time-min, --mem-gb, --cpus-per-task, --gpus-per-task, --sbatch, --wait."""
+    options = [click.option("--executor", type=click.Choice(["local", "slurm"]),
+                            help="Local processes (default) or SLURM tasks through submitit.")]
+    options += [click.option(f"--{flag.replace('_', '-')}", type=kind, help=text)
+                for flag, (kind, text) in SLURM_FLAGS.items()]
+    options += [click.option("--sbatch", "sbatch_options", multiple=True, metavar="KEY=VALUE",
+                             help="Extra sbatch option for every task, e.g. account=lab or qos=low (repeatable)."),
+                click.option("--wait", is_flag=True, help="With --executor slurm: wait for the tasks, then report.")]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def slurm_keys(flags: dict) -> dict:
+    """The SlurmOptions fields given on the command line (popped from `flags`, with --sbatch)."""
+    from ..rundir.config import parse_set
+
+    keys = {flag: flags.pop(flag, None) for flag in SLURM_FLAGS}
+    keys = {k: v for k, v in keys.items() if v is not None}
+    sbatch = flags.pop("sbatch_options", ())
+    if sbatch:
+        keys["sbatch"] = dict(parse_set(list(sbatch)))
+    return keys

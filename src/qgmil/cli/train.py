@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .options import column_options, columns, command_line, training_keys, training_options
+from .options import column_options, columns, command_line, slurm_keys, slurm_options, training_keys, training_options
 
 
 def run_options(fn):
@@ -78,7 +78,10 @@ def train(config_file, sets, out, resume, quiet, **flags):
 @click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), help="tune.pruner (default median).")
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), help="tune.sampler (default tpe).")
 @click.option("--storage", help="Optuna storage: a .journal file or an RDB URL (default RUN_DIR/tuning/studies.journal).")
-def tune(config_file, sets, out, resume, quiet, **flags):
+@click.option("--parallel", type=click.IntRange(1), default=1, help="Workers sharing each study (processes here, "
+              "or SLURM tasks with --executor slurm).")
+@slurm_options
+def tune(config_file, sets, out, resume, quiet, parallel, executor, wait, **flags):
     """Nested tuning: `qgmil tune --dataset musk1 --model abmil_gated --trials 20 --out RUN`.
 
     For each outer (seed, fold), an Optuna study searches the model's space (`qgmil models --space NAME`,
@@ -89,7 +92,15 @@ def tune(config_file, sets, out, resume, quiet, **flags):
     from ..evaluate.metrics import format_summary
     from ..tune import tune_run
 
-    summary = tune_run(run_config(config_file, sets, quiet, flags), out, resume=resume, command=command_line())
+    from ..slurm import SlurmOptions
+
+    options = SlurmOptions(**slurm_keys(flags))
+    summary = tune_run(run_config(config_file, sets, quiet, flags), out, resume=resume, command=command_line(),
+                       workers=parallel, executor=executor or "local", slurm_options=options, wait=wait,
+                       echo=click.echo)
+    if not summary:  # submitted, not waited for
+        click.echo(f"rerun with --resume --executor slurm --wait to wait, or `qgmil evaluate {out}` once it is done")
+        return
     click.echo(format_summary(summary))
     click.echo(f"run directory: {out}  (summary.md, tuning/settings.md, tuning/<fold>/chosen.json)")
 

@@ -46,6 +46,15 @@ def provenance(data: MILDataset) -> dict:
     return {k: attrs[k] for k in PROVENANCE_KEYS if k in attrs}
 
 
+def _data_paths(config: RunConfig, out: Path) -> tuple[Path, Path]:
+    """(table, features) of the run's data; a built-in dataset's are where it is (or will be) prepared."""
+    data = config.data
+    if data.builtin is None:
+        return data.table, data.features
+    root = data.builtin_dir or out / "data" / data.builtin
+    return root / "labels.csv", root / "features"
+
+
 def _prepare_data(config: RunConfig, out: Path, ctx: Dist) -> tuple[Path, Path]:
     data = config.data
     if data.builtin is None:
@@ -94,6 +103,25 @@ def open_run(config: RunConfig | None, out_dir: str | Path, resume: bool, comman
     """Resolve the config (a new one, or the saved one on resume), start torch.distributed when launched by
     torchrun, prepare and check the data, make the splits, write config.yaml and run.json. A fresh run that
     fails before its config.yaml is written leaves no directory behind."""
+    return _open(config, out_dir, resume, command)
+
+
+def attach_run(out_dir: str | Path) -> OpenRun:
+    """An opened run for a helper process of the run in `out_dir` (e.g. a tuning worker): its saved config,
+    data and splits, with nothing checked again and nothing written."""
+    run = RunDir(Path(out_dir).resolve())
+    run.require_run()
+    config = run.read_config()
+    if config.runtime.threads:
+        torch.set_num_threads(config.runtime.threads)
+    ctx = init_distributed(config.runtime.device)
+    table, features = _data_paths(config, run.root)
+    data = MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
+                                 bag_unit=config.data.bag_unit, cache=config.data.cache)
+    return OpenRun(run, config, ctx, data, Splits.load(run.splits))
+
+
+def _open(config: RunConfig | None, out_dir: str | Path, resume: bool, command: list[str] | None) -> OpenRun:
     run = RunDir(Path(out_dir).resolve())
     config = run.resolve_config(config, resume)
     ctx = init_distributed(config.runtime.device)

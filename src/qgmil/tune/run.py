@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from .. import slurm
 from ..data.splits import Fold, inner_folds
 from ..evaluate.metrics import HIGHER_IS_BETTER
 from ..evaluate.report import write_report
@@ -27,8 +32,9 @@ from ..models import model_entry
 from ..models.search import Space, merge_space
 from ..rundir import RunConfig, RunDir
 from ..rundir.directory import write_csv, write_json
+from ..slurm import SlurmOptions
 from ..train.loop import FoldTrainer
-from ..train.run import OpenRun, open_run
+from ..train.run import OpenRun, attach_run, open_run
 from .plots import plot_study
 from .settings import write_settings
 from .study import (TuneError, best_of, make_sampler, mark_alive, open_storage, open_study, optuna, recover_stale,
@@ -173,40 +179,104 @@ class FoldStudy:
 
 
 def tune_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = False,
-             command: list[str] | None = None, studies_only: bool = False) -> dict:
+             command: list[str] | None = None, workers: int = 1, executor: str = "local",
+             slurm_options: SlurmOptions | None = None, wait: bool = False,
+             echo: Callable[[str], None] = print) -> dict:
     """Nested tuning over every outer fold of the run in `out_dir`; returns the summary of the test folds
-    (as train_run). `studies_only`: run the studies and write chosen.json, but no retraining (cluster
-    workers that share the studies)."""
+    (as train_run).
+
+    `workers` processes share each study (the trial budget stays tune.trials): local ones are spawned here
+    (this process is one of them), with executor "slurm" they are the tasks of a job array, followed by one
+    task (after the array ends) that retrains the chosen settings and writes the report; that returns at
+    once with an empty summary unless `wait`.
+    """
     if config is not None:
         check_space(config)
     optuna()  # a clear error before any directory is made
     opened = open_run(config, out_dir, resume, command)
-    run, config, ctx = opened.run, opened.config, opened.ctx
-    if ctx.enabled:
+    if opened.ctx.enabled:
         raise TuneError("qgmil tune runs one process per study; under torchrun, run `qgmil train` with the chosen "
                         "settings instead")
-    check_space(config)
-    storage = open_storage(run, config.tune)
-    progress = config.runtime.progress
-    folds = tqdm(opened.splits.folds, desc=f"{config.model.name} nested tuning", unit="fold", disable=not progress)
+    check_space(opened.config)
+    if executor == "slurm":
+        from .cluster import submit_tuning
+
+        if opened.run.finished:
+            return opened.run.read_summary()
+
+        jobs = submit_tuning(opened.run, workers, slurm_options or SlurmOptions(), study_worker, finish_run, echo)
+        if not wait:
+            return {}
+        slurm.wait_for(jobs, echo)
+        if not opened.run.finished:
+            raise TuneError(f"{opened.run.root}: the SLURM tasks ended before the run finished (logs in "
+                            f"{opened.run.tuning / 'slurm'}); rerun to resume")
+        return opened.run.read_summary()
+    helpers = _spawn_workers(opened.run.root, workers - 1)
+    try:
+        run_studies(opened, opened.config.runtime.progress)
+    finally:
+        for process in helpers:
+            process.join()
+    return retrain(opened, opened.config.runtime.progress)
+
+
+def run_studies(opened: OpenRun, progress: bool) -> None:
+    """This process's share of every unfinished outer fold's study, until its budget is spent; chosen.json."""
+    run = opened.run
+    storage = open_storage(run, opened.config.tune)
+    folds = tqdm(opened.splits.folds, desc=f"{opened.config.model.name} nested tuning", unit="fold",
+                 disable=not progress)
     for fold in folds:
+        if run.fold(fold.name).finished or (run.tuning_dir(fold.name) / "chosen.json").exists():
+            continue
+        study = FoldStudy(opened, fold, storage)
+        study.run(progress)
+        study.write(run)
+
+
+def retrain(opened: OpenRun, progress: bool) -> dict:
+    """Each outer fold trained with its chosen settings and tested once; then the report."""
+    run, config = opened.run, opened.config
+    for fold in tqdm(opened.splits.folds, desc=f"{config.model.name} tuned folds", unit="fold", disable=not progress):
         fold_dir = run.fold(fold.name)
         if fold_dir.finished:
             continue
-        chosen_path = run.tuning_dir(fold.name) / "chosen.json"
-        if chosen_path.exists():
-            chosen = json.loads(chosen_path.read_text())
-        else:
-            study = FoldStudy(opened, fold, storage)
-            study.run(progress)
-            chosen = study.write(run)
-        if studies_only:
-            continue
+        chosen = json.loads((run.tuning_dir(fold.name) / "chosen.json").read_text())
         tuned = config.with_keys({**chosen["fixed"], **chosen["params"]})
-        trainer = FoldTrainer(tuned, ctx, opened.data.classes, opened.data.in_dim,
+        trainer = FoldTrainer(tuned, opened.ctx, opened.data.classes, opened.data.in_dim,
                               {**opened.checkpoint_extra(), "tuned": chosen["params"]})
         trainer.run(fold, opened.parts(fold, tuned), fold_dir, progress=progress)
-    if studies_only:
-        return {}
     write_settings(run, search_space(config)[0])
     return write_report(run.root)
+
+
+def study_worker(out_dir: str, threads: int | None = None) -> None:
+    """A helper process of a tuned run (local or a SLURM task): trials of its studies, no retraining."""
+    if threads:
+        torch.set_num_threads(threads)
+    run_studies(attach_run(out_dir), progress=False)
+
+
+def finish_run(out_dir: str, threads: int | None = None) -> dict:
+    """The last SLURM task of a tuned run: what remains of the studies, the retraining and the report."""
+    if threads:
+        torch.set_num_threads(threads)
+    opened = attach_run(out_dir)
+    run_studies(opened, progress=False)
+    return retrain(opened, progress=False)
+
+
+def _spawn_workers(out: Path, count: int) -> list:
+    """`count` local helper processes sharing the studies (spawned: no inherited torch thread pools), each
+    with an equal share of the CPUs; this process takes the same share."""
+    if count <= 0:
+        return []
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                  // (count + 1))
+    torch.set_num_threads(threads)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=study_worker, args=(str(out), threads)) for _ in range(count)]
+    for process in processes:
+        process.start()
+    return processes

@@ -1,6 +1,6 @@
-"""`qgmil benchmark --executor slurm` on a real single-node SLURM cluster (see tests/slurm.py): a tuned grid
-submitted as an array, one task killed mid-run, the rerun resubmitting only that cell, and the merged results
-equal to a local run of the same cells."""
+"""Runs on a real single-node SLURM cluster (see tests/slurm.py): `qgmil benchmark --executor slurm` (a tuned
+grid submitted as an array, one task killed mid-run, the rerun resubmitting only that cell, the merged results
+equal to a local run of the same cells) and `qgmil tune --executor slurm --parallel 2`."""
 
 import json
 import time
@@ -78,3 +78,31 @@ def test_a_tuned_grid_on_slurm_equals_the_local_run(slurm_cluster, tmp_path):
         pd.testing.assert_frame_equal(here.read_predictions(), there.read_predictions(), rtol=0, atol=1e-6)
         assert here.read_chosen() == there.read_chosen()
     assert (remote / "tuning.md").read_text() == (local / "tuning.md").read_text()
+
+
+def test_tune_on_slurm_workers_share_the_studies(slurm_cluster, tmp_path):
+    """`qgmil tune --executor slurm --parallel 2 --wait`: two array tasks share each study's budget, a task
+    after them retrains and reports; the run reads like a local one."""
+    data = prepare_dataset("digit-bags", tmp_path / "digits", bags=40, progress=False)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "tune", "--table", str(data / "labels.csv"), "--features", str(data / "features"), "--model", "mean_pool",
+        "--folds", "2", "--epochs", "2", "--trials", "4", "--out", str(out), "--quiet", "--set", "eval.bootstrap=20",
+        "--executor", "slurm", "--parallel", "2", "--partition", slurm_cluster.partition, "--cpus-per-task", "1",
+        "--mem-gb", "1", "--time-min", "10", "--wait"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "submitted 2 study worker(s)" in result.output and "macro_f1" in result.output
+    run = RunDir(out)
+    assert run.finished and len(run.finished_folds()) == 2
+    records = json.loads((run.tuning / "slurm" / "jobs.json").read_text())
+    assert len(records) == 1 and len(records[0]["workers"]) == 2
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run.study_journal)))
+    pids = set()
+    for fold in ("seed0-fold0", "seed0-fold1"):
+        trials = optuna.load_study(study_name=fold, storage=storage).trials
+        done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+        assert len(done) == 4
+        pids |= {t.user_attrs["pid"] for t in done}
+    assert len(pids) >= 2
