@@ -12,7 +12,8 @@ RUN_DIR/
   tuning/              tuned runs only (`qgmil tune`): studies.journal (the Optuna storage, one study per
                        outer fold, unless tune.storage points elsewhere), and per outer fold <name>/
                        chosen.json (the best trial's settings, written before the fold retrains with them),
-                       trials.csv, history.png, importances.png
+                       trials.csv, history.png, importances.png; settings.md / .csv (the choices over
+                       folds); slurm/ (jobs.json and task logs, when tuned on SLURM)
 
 Training writes through `RunDir` and `FoldDir`; evaluation, prediction, explanation and the benchmark
 read through them, so the layout is written down once, here.
