@@ -127,8 +127,9 @@ class TuneConfig(_Section):
     inner_folds: int | None = Field(None, ge=2, description="null: trials train on the outer fold's training part and "
                                     "score its validation carve-out; k: inner k-fold over both (the mean is the score)")
     sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["median", "hyperband", "none"] = Field("median", description="stops trials whose validation "
-                                                          "curve falls behind the others'")
+    pruner: Literal["median", "asha", "hyperband", "none"] = Field(
+        "median", description="stops trials whose validation curve falls behind the others' (asha: successive "
+        "halving, keeps the top third at epochs prune_after x 3^k)")
     startup_trials: int = Field(5, ge=0, description="trials sampled at random and never pruned before TPE and the "
                                 "pruner start")
     prune_after: int = Field(3, ge=0, description="epochs every trial runs before the pruner may stop it")

@@ -70,6 +70,7 @@ class FoldStudy:
         self.tune = self.config.tune
         self.space, self.fixed = search_space(self.config)
         self.column, direction = _metric(self.config)
+        self.loss_sign = -1.0 if direction == "maximize" else 1.0
         if self.tune.inner_folds:
             self.inner = inner_folds(opened.data.table, fold, self.tune.inner_folds, seed=fold.seed * 1000 + fold.fold)
         else:
@@ -99,7 +100,10 @@ class FoldStudy:
                 value = row.get(self.column)
                 if value is None or math.isnan(value):
                     return
-                trial.report(value, j * config.optim.epochs + epoch)
+                # ties broken by the validation loss, as early stopping breaks them: on small validation parts
+                # macro-F1 moves in steps, and a curve flat at chance level must rank below a learning one
+                loss = min(float(row.get("val_nll", 0.0)), 100.0)
+                trial.report(value + self.loss_sign * 1e-4 * loss, j * config.optim.epochs + epoch)
                 if trial.should_prune():
                     raise optuna().TrialPruned()
 
@@ -111,7 +115,10 @@ class FoldStudy:
                 trial.set_user_attr("error", f"{type(err).__name__}: {err}")
                 raise
             scores.append(info["history"][info["best_epoch"]].get(self.column, math.nan))
-        return statistics.fmean(scores)
+        score = statistics.fmean(scores)
+        if math.isnan(score):  # e.g. AUROC of a one-class validation part: a failure of the data, counted
+            trial.set_user_attr("error", f"validation {self.column[4:]} is undefined (NaN) on this split")
+        return score
 
     def run(self, progress: bool) -> None:
         """Trials until tune.trials count, other workers' included; resumable at trial granularity.

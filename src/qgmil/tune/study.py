@@ -67,6 +67,8 @@ def make_pruner(tune: TuneConfig, max_steps: int):
         return opt.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.prune_after)
     if tune.pruner == "hyperband":
         return opt.pruners.HyperbandPruner(min_resource=max(1, tune.prune_after), max_resource=max_steps)
+    if tune.pruner == "asha":
+        return opt.pruners.SuccessiveHalvingPruner(min_resource=max(1, tune.prune_after), reduction_factor=3)
     return opt.pruners.NopPruner()
 
 
