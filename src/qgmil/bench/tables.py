@@ -153,14 +153,17 @@ def grid_latex(grid: MetricGrid, caption: str) -> str:
 
 
 def _samples(results: pd.DataFrame) -> str:
-    """How many (seed, fold) test parts each cell's mean ± std is over, e.g. "15" or "10-15"."""
+    """How many (seed, fold) test parts each cell's mean ± std is over, e.g. "the 15" or "the 10-15" ("the"
+    alone for a frame without the count)."""
+    if "folds" not in results:
+        return "the"
     counts = sorted({int(n) for n in results["folds"]})
-    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"the {counts[0]}" if len(counts) == 1 else f"the {counts[0]}-{counts[-1]}"
 
 
 def _footer(metric: str, results: pd.DataFrame) -> str:
     direction = "best" if HIGHER_IS_BETTER[metric] else "lowest"
-    return (f"{METRIC_NAMES[metric]}, mean ± std over the {_samples(results)} (seed, fold) test parts of each cell; "
+    return (f"{METRIC_NAMES[metric]}, mean ± std over {_samples(results)} (seed, fold) test parts of each cell; "
             f"{direction} per dataset in bold.")
 
 
@@ -182,7 +185,7 @@ def format_results_latex(results: pd.DataFrame, models: list[str], datasets: lis
     """results.md's macro-F1 table as a LaTeX booktabs tabular."""
     if results.empty:
         return "% No finished cells yet."
-    caption = f"Macro-F1, mean +- std over the {_samples(results)} (seed, fold) test parts of each cell; best per dataset in bold."
+    caption = f"Macro-F1, mean +- std over {_samples(results)} (seed, fold) test parts of each cell; best per dataset in bold."
     return grid_latex(metric_grid(results, models, datasets, "macro_f1"), caption)
 
 

@@ -258,11 +258,15 @@ def retrain(opened: OpenRun, progress: bool) -> dict:
     return write_report(run.root)
 
 
-def study_worker(out_dir: str, threads: int | None = None) -> None:
-    """A helper process of a tuned run (local or a SLURM task): trials of its studies, no retraining."""
+def study_worker(out_dir: str, threads: int | None = None, ready=None) -> None:
+    """A helper process of a tuned run (local or a SLURM task): trials of its studies, no retraining.
+    `ready` (a local helper's Event) is set once the run is loaded, so that all workers start together."""
     if threads:
         torch.set_num_threads(threads)
-    run_studies(attach_run(out_dir), progress=False)
+    opened = attach_run(out_dir)
+    if ready is not None:
+        ready.set()
+    run_studies(opened, progress=False)
 
 
 def finish_run(out_dir: str, threads: int | None = None) -> dict:
@@ -283,7 +287,11 @@ def _spawn_workers(out: Path, count: int) -> list:
                   // (count + 1))
     torch.set_num_threads(threads)
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=study_worker, args=(str(out), threads)) for _ in range(count)]
+    events = [context.Event() for _ in range(count)]
+    processes = [context.Process(target=study_worker, args=(str(out), threads, event)) for event in events]
     for process in processes:
         process.start()
+    for event, process in zip(events, processes):  # start together (importing torch takes seconds)
+        while not event.wait(timeout=1.0) and process.is_alive():
+            pass
     return processes
