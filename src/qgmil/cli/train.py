@@ -75,7 +75,7 @@ def train(config_file, sets, out, resume, quiet, **flags):
 @run_options
 @click.option("--trials", type=int, help="Trials per outer (seed, fold) (tune.trials, default 20).")
 @click.option("--inner-folds", type=int, help="Score trials on k inner folds instead of the validation part.")
-@click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), help="tune.pruner (default median).")
+@click.option("--pruner", type=click.Choice(["asha", "median", "hyperband", "none"]), help="tune.pruner (default asha).")
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), help="tune.sampler (default tpe).")
 @click.option("--storage", help="Optuna storage: a .journal file or an RDB URL (default RUN_DIR/tuning/studies.journal).")
 @click.option("--parallel", type=click.IntRange(1), default=1, help="Workers sharing each study (processes here, "

@@ -127,11 +127,11 @@ class TuneConfig(_Section):
     inner_folds: int | None = Field(None, ge=2, description="null: trials train on the outer fold's training part and "
                                     "score its validation carve-out; k: inner k-fold over both (the mean is the score)")
     sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["median", "asha", "hyperband", "none"] = Field(
-        "median", description="stops trials whose validation curve falls behind the others' (asha: successive "
-        "halving, keeps the top third at epochs prune_after x 3^k)")
-    startup_trials: int = Field(5, ge=0, description="trials sampled at random and never pruned before TPE and the "
-                                "pruner start")
+    pruner: Literal["asha", "median", "hyperband", "none"] = Field(
+        "asha", description="stops trials whose validation curve falls behind the others' (asha: successive "
+        "halving, a trial goes on past epochs prune_after x 3^k only in the top third of those that got there)")
+    startup_trials: int = Field(5, ge=0, description="trials sampled at random before TPE starts (and, for the "
+                                "median pruner, never pruned)")
     prune_after: int = Field(3, ge=0, description="epochs every trial runs before the pruner may stop it")
     seed: int = Field(0, description="sampler seed (with the same seed and data, the same trials)")
     space: dict[str, Any] = Field(default_factory=dict, description="changes to the model's search space: a range "
