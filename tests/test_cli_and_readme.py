@@ -101,3 +101,15 @@ def test_cli_datasets_list_and_prepare_with_options(tmp_path):
     assert bad.exit_code != 0 and "unknown option '--bags' for musk1 (options: standardize)" in bad.output
     changed = runner.invoke(main, args[:4] + ["--bags", "4"])
     assert changed.exit_code != 0 and "error:" in changed.output
+
+
+def test_readme_tuning_example_is_valid_and_shows_the_defaults(tmp_path):
+    from qgmil.rundir.config import TuneConfig, load_config
+
+    section = README.split("## Nested tuning", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)[0]
+    path = tmp_path / "tune.yaml"
+    path.write_text("data: {builtin: musk1}\n" + block)
+    tune = load_config(path).tune
+    assert tune.model_dump(exclude={"space"}) == TuneConfig().model_dump(exclude={"space"})
+    assert set(tune.space) == {"optim.lr", "model.overrides.depth", "model.overrides.dim", "optim.weight_decay"}
