@@ -3,13 +3,14 @@
 The driver (`run_benchmark(..., executor="slurm")`) plans and validates the grid and prepares the built-in
 data here, then submits one array with a task per cell that is neither finished nor queued by an earlier
 submission; it returns at once with the job ids, or with `wait` polls the queue and builds the report.
-Each task re-plans the grid from OUT/benchmark.yaml and trains its cell exactly as a local worker would
+Each task re-plans the grid from the spec as submitted and trains its cell exactly as a local worker would
 (the same `train_cell`, runtime.threads = its CPUs), so a cell's results do not depend on where it ran.
 Everything is resumable: a cancelled or timed-out task leaves a run directory that the next submission
 resumes fold by fold (or trial by trial).
 
 OUT/slurm/
-  jobs.json              every submission: job id of each cell's task, when
+  jobs.json              every submission: job id of each cell's task, its spec copy, when
+  benchmark-<when>.yaml  the spec as submitted (what the queued tasks plan their cell from)
   results/<cell>.json    what a task reports (training summary and seconds, or its error and traceback);
                          JSON, so the driver never unpickles anything
   logs/                  submitit's folder: each task's stdout/stderr (%j_%t_log.out / .err)
@@ -46,18 +47,24 @@ def queued_cells(out: Path) -> dict[int, str]:
     return {cell: job for cell, job in latest.items() if states.get(job) in slurm.ACTIVE}
 
 
-def submit_cells(todo: list[Cell], out: Path, options: SlurmOptions, task: Callable[[str, int, int], Any]) -> list[str]:
-    """One array task per cell of `todo`, each calling task(out, cell index, threads); returns the task ids
-    (e.g. "1234_0"), recorded in jobs.json."""
+def submit_cells(todo: list[Cell], out: Path, options: SlurmOptions,
+                 task: Callable[[str, str, int, int], Any]) -> list[str]:
+    """One array task per cell of `todo`, each calling task(out, spec file, cell index, threads); returns the
+    task ids (e.g. "1234_0"), recorded in jobs.json. The tasks read a copy of OUT/benchmark.yaml made now, so
+    a later command with other flags cannot change what queued tasks train."""
     folder = slurm_dir(out)
     (folder / "results").mkdir(parents=True, exist_ok=True)
     for cell in todo:  # a result from an earlier task must not be taken for this one's
         (folder / "results" / f"{cell.index}.json").unlink(missing_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    spec = folder / f"benchmark-{stamp}.yaml"
+    atomic_write_text(spec, (out / "benchmark.yaml").read_text())
     made = slurm.executor(folder / "logs", options, name=f"qgmil-{out.name}")
     n = len(todo)
-    ids = slurm.submit_array(made, task, [str(out)] * n, [c.index for c in todo], [options.cpus_per_task] * n)
+    ids = slurm.submit_array(made, task, [str(out)] * n, [str(spec)] * n, [c.index for c in todo],
+                             [options.cpus_per_task] * n)
     records = read_jobs(out) + [{"job_id": job, "cell": cell.index, "model": cell.model, "dataset": cell.dataset,
-                                 "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")} for job, cell in zip(ids, todo)]
+                                 "spec": spec.name, "submitted": stamp} for job, cell in zip(ids, todo)]
     atomic_write_text(folder / "jobs.json", json.dumps(records, indent=1))
     return ids
 

@@ -86,13 +86,13 @@ def train_cell(cell: Cell, command: list[str], threads: int | None = None) -> di
     return {"summary": summary, "seconds": time.time() - start}
 
 
-def run_cell_task(out: str, index: int, threads: int) -> dict[str, Any]:
-    """The body of one array task: train cell `index` of OUT/benchmark.yaml; the result goes to
-    OUT/slurm/results/<index>.json (and is returned)."""
+def run_cell_task(out: str, spec: str, index: int, threads: int) -> dict[str, Any]:
+    """The body of one array task: train cell `index` of the grid in the `spec` file (OUT's benchmark.yaml as
+    submitted); the result goes to OUT/slurm/results/<index>.json (and is returned)."""
     from . import cluster
 
     root = Path(out)
-    cell = plan_cells(load_spec(root / "benchmark.yaml"), root)[index]
+    cell = plan_cells(load_spec(spec), root)[index]
     result = train_cell(cell, ["qgmil", "benchmark", "(slurm task)"], threads=threads)
     results = cluster.slurm_dir(root) / "results"
     results.mkdir(parents=True, exist_ok=True)
