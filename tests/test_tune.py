@@ -63,6 +63,9 @@ def test_space_yaml_forms_and_errors():
                                {"optim.weight_decay": None, "optim.epochs": 7, "model.overrides.attn_dim": [64]})
     assert "optim.weight_decay" not in space and fixed == {"optim.epochs": 7}
     assert space["model.overrides.attn_dim"] == Choice((64,))
+    nested = load_config(None, [("tune.space.optim.lr", {"low": 1e-4, "high": 1e-3}),
+                                ("tune.space.model.overrides.dim", [256])], {"data.builtin": "musk1"})
+    assert nested.tune.space == {"optim.lr": {"low": 1e-4, "high": 1e-3}, "model.overrides.dim": [256]}
     with pytest.raises(ConfigError, match=r"tune.space.data.table: not tunable"):
         load_config(None, [], {"data.builtin": "musk1", "tune.space": {"data.table": [1]}})
     with pytest.raises(ConfigError, match=r"tune.space.optim.lr: need 0 < low <= high"):

@@ -139,6 +139,20 @@ class TuneConfig(_Section):
     storage: str | None = Field(None, description="Optuna storage: null = RUN_DIR/tuning/studies.journal; a *.journal "
                                 "path (shared filesystem) or an RDB URL (sqlite:///x.db, postgresql://...)")
 
+    @field_validator("space", mode="before")
+    @classmethod
+    def _flat(cls, space: Any) -> Any:
+        """Nested keys (`--set tune.space.optim.lr=...` arrives as {optim: {lr: ...}}) as dotted ones."""
+        if not isinstance(space, dict):
+            return space
+        flat: dict[str, Any] = {}
+        for key, value in space.items():
+            if isinstance(value, dict) and not {"low", "high"} & set(value):
+                flat.update({f"{key}.{k}": v for k, v in cls._flat(value).items()})
+            else:
+                flat[key] = value
+        return flat
+
     @field_validator("space")
     @classmethod
     def _space_keys(cls, space: dict[str, Any]) -> dict[str, Any]:
