@@ -210,7 +210,6 @@ def tune_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = Fa
 
         if opened.run.finished:
             return opened.run.read_summary()
-
         jobs = submit_tuning(opened.run, workers, slurm_options or SlurmOptions(), study_worker, finish_run, echo)
         if not wait:
             return {}
@@ -222,6 +221,10 @@ def tune_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = Fa
     helpers = _spawn_workers(opened.run.root, workers - 1)
     try:
         run_studies(opened, opened.config.runtime.progress)
+    except BaseException:  # Ctrl-C or an error here: stop the helpers too (their trials are run again later)
+        for process in helpers:
+            process.terminate()
+        raise
     finally:
         for process in helpers:
             process.join()
