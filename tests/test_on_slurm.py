@@ -106,3 +106,29 @@ def test_tune_on_slurm_workers_share_the_studies(slurm_cluster, tmp_path):
         assert len(done) == 4
         pids |= {t.user_attrs["pid"] for t in done}
     assert len(pids) >= 2
+
+
+def test_a_tuned_cell_with_helper_tasks_shares_its_studies(slurm_cluster, tmp_path):
+    """`tune_workers: 2`: a tuned cell gets a second array task that runs trials of its studies; the budget per
+    outer fold is still tune.trials."""
+    data = prepare_dataset("digit-bags", tmp_path / "digits", bags=40, progress=False)
+    spec = tmp_path / "bench.yaml"
+    spec.write_text(bench_yaml(data, slurm_cluster.partition).replace("models: [mean_pool, qgmil_light]",
+                                                                      "models: [mean_pool]\ntune_workers: 2")
+                    .replace("tune: 3", "tune: 6"))
+    out = tmp_path / "out"
+    result = invoke(spec, "--executor", "slurm", "--wait", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "(+ 1 tuning helper(s))" in result.output
+    run = RunDir(out / "runs" / data.name / "mean_pool")
+    assert run.finished
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run.study_journal)))
+    pids = set()
+    for fold in ("seed0-fold0", "seed0-fold1"):
+        done = [t for t in optuna.load_study(study_name=fold, storage=storage).trials
+                if t.state.name in ("COMPLETE", "PRUNED")]
+        assert len(done) == 6
+        pids |= {t.user_attrs["pid"] for t in done}
+    assert len(pids) == 2

@@ -38,20 +38,25 @@ def read_jobs(out: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def queued_cells(out: Path) -> dict[int, str]:
-    """Cells whose task from an earlier submission is still pending or running: cell index -> job id."""
-    latest = {}
+def queued_cells(out: Path) -> dict[int, list[str]]:
+    """Cells with a task of an earlier submission still pending or running: cell index -> those task ids."""
+    latest: dict[tuple[int, int], str] = {}
     for record in read_jobs(out):
-        latest[record["cell"]] = record["job_id"]
+        latest[record["cell"], record.get("role", 0)] = record["job_id"]
     states = slurm.queue_states(list(latest.values()))
-    return {cell: job for cell, job in latest.items() if states.get(job) in slurm.ACTIVE}
+    queued: dict[int, list[str]] = {}
+    for (cell, _), job in latest.items():
+        if states.get(job) in slurm.ACTIVE:
+            queued.setdefault(cell, []).append(job)
+    return queued
 
 
-def submit_cells(todo: list[Cell], out: Path, options: SlurmOptions,
-                 task: Callable[[str, str, int, int], Any]) -> list[str]:
-    """One array task per cell of `todo`, each calling task(out, spec file, cell index, threads); returns the
-    task ids (e.g. "1234_0"), recorded in jobs.json. The tasks read a copy of OUT/benchmark.yaml made now, so
-    a later command with other flags cannot change what queued tasks train."""
+def submit_cells(todo: list[Cell], out: Path, options: SlurmOptions, task: Callable[..., Any],
+                 tune_workers: int = 1) -> dict[int, list[str]]:
+    """Array tasks task(out, spec file, cell index, threads, role) for the cells of `todo`: role 0 trains the
+    cell; a tuned cell also gets roles 1 .. tune_workers - 1, helpers that share its studies. Returns cell
+    index -> its task ids (e.g. "1234_0"), recorded in jobs.json. The tasks read a copy of OUT/benchmark.yaml
+    made now, so a later command with other flags cannot change what queued tasks train."""
     folder = slurm_dir(out)
     (folder / "results").mkdir(parents=True, exist_ok=True)
     for cell in todo:  # a result from an earlier task must not be taken for this one's
@@ -60,13 +65,18 @@ def submit_cells(todo: list[Cell], out: Path, options: SlurmOptions,
     spec = folder / f"benchmark-{stamp}.yaml"
     atomic_write_text(spec, (out / "benchmark.yaml").read_text())
     made = slurm.executor(folder / "logs", options, name=f"qgmil-{out.name}")
-    n = len(todo)
-    ids = slurm.submit_array(made, task, [str(out)] * n, [str(spec)] * n, [c.index for c in todo],
-                             [options.cpus_per_task] * n)
-    records = read_jobs(out) + [{"job_id": job, "cell": cell.index, "model": cell.model, "dataset": cell.dataset,
-                                 "spec": spec.name, "submitted": stamp} for job, cell in zip(ids, todo)]
+    tasks = [(cell, role) for cell in todo for role in range(tune_workers if cell.tuned else 1)]
+    n = len(tasks)
+    ids = slurm.submit_array(made, task, [str(out)] * n, [str(spec)] * n, [c.index for c, _ in tasks],
+                             [options.cpus_per_task] * n, [role for _, role in tasks])
+    records = read_jobs(out) + [{"job_id": job, "cell": cell.index, "role": role, "model": cell.model,
+                                 "dataset": cell.dataset, "spec": spec.name, "submitted": stamp}
+                                for job, (cell, role) in zip(ids, tasks)]
     atomic_write_text(folder / "jobs.json", json.dumps(records, indent=1))
-    return ids
+    submitted: dict[int, list[str]] = {}
+    for job, (cell, _) in zip(ids, tasks):
+        submitted.setdefault(cell.index, []).append(job)
+    return submitted
 
 
 def task_result(out: Path, cell: Cell) -> dict[str, Any] | None:

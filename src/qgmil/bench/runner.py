@@ -86,18 +86,34 @@ def train_cell(cell: Cell, command: list[str], threads: int | None = None) -> di
     return {"summary": summary, "seconds": time.time() - start}
 
 
-def run_cell_task(out: str, spec: str, index: int, threads: int) -> dict[str, Any]:
+def run_cell_task(out: str, spec: str, index: int, threads: int, role: int = 0) -> dict[str, Any]:
     """The body of one array task: train cell `index` of the grid in the `spec` file (OUT's benchmark.yaml as
-    submitted); the result goes to OUT/slurm/results/<index>.json (and is returned)."""
+    submitted); the result goes to OUT/slurm/results/<index>.json (and is returned). Role > 0: a helper that
+    runs trials of the tuned cell's studies once the role-0 task has opened its run."""
     from . import cluster
 
     root = Path(out)
     cell = plan_cells(load_spec(spec), root)[index]
+    if role > 0:
+        return _help_tuning(cell, threads)
     result = train_cell(cell, ["qgmil", "benchmark", "(slurm task)"], threads=threads)
     results = cluster.slurm_dir(root) / "results"
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results / f"{index}.json", json.dumps(result, default=str))
     return {k: v for k, v in result.items() if k != "traceback"}
+
+
+def _help_tuning(cell: Cell, threads: int, patience_s: float = 3600.0) -> dict[str, Any]:
+    """Wait (up to `patience_s`) for the cell's run to be opened by its first task, then share its studies."""
+    from ..tune.run import study_worker
+
+    deadline = time.time() + patience_s
+    while not (cell.rundir.holds_run and cell.rundir.run_json.exists()):  # config.yaml, then run.json
+        if cell.finished or time.time() > deadline:
+            return {"helper": "no open run to help"}
+        time.sleep(2)
+    study_worker(str(cell.run_dir), threads)
+    return {"helper": "studies done"}
 
 
 def _cell_process(cell: Cell, command: list[str], threads: int, results) -> None:
@@ -232,14 +248,17 @@ def _run_on_slurm(spec: BenchSpec, out: Path, todo: list[Cell], heads: dict[int,
     queued = cluster.queued_cells(out)
     for cell in todo:
         if cell.index in queued:
-            echo(f"{heads[cell.index]}: queued earlier as SLURM task {queued[cell.index]}")
+            echo(f"{heads[cell.index]}: queued earlier as SLURM task(s) {', '.join(queued[cell.index])}")
     fresh = [c for c in todo if c.index not in queued]
-    submitted = cluster.submit_cells(fresh, out, spec.slurm, run_cell_task) if fresh else []
-    for cell, job in zip(fresh, submitted):
-        echo(f"{heads[cell.index]}: submitted as SLURM task {job}")
+    submitted = cluster.submit_cells(fresh, out, spec.slurm, run_cell_task, spec.tune_workers) if fresh else {}
+    for cell in fresh:
+        jobs = submitted[cell.index]
+        helpers = f" (+ {len(jobs) - 1} tuning helper(s))" if len(jobs) > 1 else ""
+        echo(f"{heads[cell.index]}: submitted as SLURM task {jobs[0]}{helpers}")
+    ids = [job for jobs in submitted.values() for job in jobs]
     if not wait:
-        return submitted, []
-    watched = submitted + [queued[c.index] for c in todo if c.index in queued]
+        return ids, []
+    watched = ids + [job for c in todo for job in queued.get(c.index, [])]
     slurm.wait_for(watched, echo)
     failures = []
     for cell in todo:
@@ -257,4 +276,4 @@ def _run_on_slurm(spec: BenchSpec, out: Path, todo: list[Cell], heads: dict[int,
             failure = CellFailure(cell, error, error + "\n")
         echo(f"{heads[cell.index]}: FAILED: {failure.error}")
         failures.append(failure)
-    return submitted, failures
+    return ids, failures

@@ -89,6 +89,8 @@ class BenchSpec(_Strict):
     workers: int = Field(1, ge=1, description="cells run at once, each in its own process (executor local)")
     executor: Literal["local", "slurm"] = Field("local", description="local: this machine's processes; slurm: "
                                                 "one job-array task per cell through submitit")
+    tune_workers: int = Field(1, ge=1, description="with tune and executor slurm: array tasks per cell that share "
+                              "its studies (the first also retrains and reports)")
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     train: dict[str, Any] = Field(default_factory=dict, description="dotted run-config keys, e.g. optim.epochs: 20")
 
