@@ -47,8 +47,10 @@ def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, tune
     model x dataset under BENCH/runs/, then results.md/.csv/.tex (macro-F1, best in bold, gain of QG-MIL
     over the best baseline), summary.md, auroc.md, calibration.md, gains.csv, ablation.md, significance.md/.csv
     (paired per-fold tests), attention_mass.md/.csv and results.png, ranks.png. BENCH_FILE (YAML:
-    datasets, models, folds, seeds, workers, train) sets the same; flags override it. Rerun to continue:
-    finished cells are skipped. Exits with 1 when a cell failed (the others still run).
+    datasets, models, folds, seeds, tune, workers, executor, slurm, train) sets the same; flags override it.
+    `--tune N` tunes every model inside each outer fold with N trials (and writes tuning.md);
+    `--executor slurm` submits a SLURM array task per cell. Rerun to continue: finished cells are skipped.
+    Exits with 1 when a cell failed (the others still run).
     """
     from ..bench import load_spec, parse_shard, run_benchmark
     from ..rundir.config import parse_set
