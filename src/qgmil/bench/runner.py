@@ -108,7 +108,7 @@ def _help_tuning(cell: Cell, threads: int, patience_s: float = 3600.0) -> dict[s
     from ..tune.run import study_worker
 
     deadline = time.time() + patience_s
-    while not (cell.rundir.holds_run and cell.rundir.run_json.exists()):  # config.yaml, then run.json
+    while not (cell.rundir.holds_run and cell.rundir.run_json.exists()):  # the config is written first, then the facts
         if cell.finished or time.time() > deadline:
             return {"helper": "no open run to help"}
         time.sleep(2)

@@ -165,7 +165,9 @@ class FoldStudy:
             raise TuneError(f"{self.fold.name}: no trial completed ({'; '.join(errors[:3]) or 'all pruned'})")
         return {
             "fold": self.fold.name, "params": {k: best.params[k] for k in self.space}, "fixed": self.fixed,
-            "value": best.value, "metric": self.column[4:], "best_trial": best.number,
+            "value": best.value, "metric": self.column[4:],
+            # its place in the budget, not Optuna's number (a trial run again after a crash gets a new one)
+            "best_trial": [t.number for t in counted].index(best.number),
             "trials": len(counted),
             "complete": sum(t.state == state.COMPLETE for t in counted),
             "pruned": sum(t.state == state.PRUNED for t in counted),
