@@ -42,9 +42,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..slurm import SlurmOptions
 from ..rundir.config import ConfigError, RunConfig, format_validation_error, load_config
 from ..rundir.directory import RunDir
+from ..slurm import SlurmOptions
 
 MODEL_GROUPS = ("ablation", "baselines")
 PRESETS = ("builtin", "demo")  # qgmil/bench/presets/<name>.yaml
