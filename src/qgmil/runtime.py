@@ -15,6 +15,28 @@ import torch
 import torch.distributed as dist
 
 
+def available_cpus() -> int:
+    """CPUs this process may use (the affinity mask where there is one: containers, taskset, SLURM)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """"I/N" (or (I, N)) -> (I, N) with 0 <= I < N: a job's static share of a sorted list, every N-th item from
+    the I-th (`--shard` of extraction and benchmarks). ValueError names the flag and the problem."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
+    else:
+        i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {shard!r}: need 0 <= I < N")
+    return int(i), int(n)
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 import queue
 import time
 import traceback
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import yaml
 
 from ..atomic import atomic_write_text
+from ..runtime import available_cpus
 from .report import build_tables
 from .spec import BenchmarkError, BenchSpec, Cell, load_spec, plan_cells
 
@@ -36,11 +36,6 @@ class CellFailure:
     cell: Cell
     error: str
     traceback: str
-
-
-def _cpus() -> int:
-    """CPUs this process may use (the affinity mask where there is one: containers, taskset)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def prepare_builtin_data(cells: list[Cell], echo: Callable[[str], None] = print) -> None:
@@ -146,7 +141,7 @@ def _run_cells(todo: list[Cell], heads: dict[int, str], workers: int, command: l
             finish(cell, train_cell(cell, command))
         return failures
 
-    threads = max(1, _cpus() // workers)  # workers x threads <= CPUs: no oversubscription
+    threads = max(1, available_cpus() // workers)  # workers x threads <= CPUs: no oversubscription
     used = sorted({c.config.runtime.threads or threads for c in todo})  # runtime.threads, where set, wins
     echo(f"running {len(todo)} cells in {workers} worker processes, {'/'.join(map(str, used))} torch thread(s) each")
     # spawn, not fork: a forked child would inherit torch's thread pools and locks from this process.

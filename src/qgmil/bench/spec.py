@@ -297,13 +297,10 @@ def plan_cells(spec: BenchSpec, out: str | Path, *, progress: bool = False) -> l
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """"i/n" -> (i, n), with 0 <= i < n."""
-    if text is None:
-        return None
+    """"i/n" -> (i, n), with 0 <= i < n (`runtime.parse_shard`, raising BenchmarkError)."""
+    from ..runtime import parse_shard as runtime_parse_shard
+
     try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise BenchmarkError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise BenchmarkError(f"--shard {text!r}: need 0 <= I < N")
-    return i, n
+        return runtime_parse_shard(text)
+    except ValueError as err:
+        raise BenchmarkError(str(err)) from None

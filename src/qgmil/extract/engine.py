@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_create_text, atomic_write_text, leftovers
 from ..data.bagfile import write_bag
 from ..runtime import Dist, all_gather, autocast_dtype, barrier
+from ..runtime import parse_shard as runtime_parse_shard
 from .locks import STALE_MINUTES, BagLocks, Holder, LockBusy
 
 MANIFEST = "extract.json"
@@ -164,19 +165,11 @@ def feature_path(out: Path, bag_id: str) -> Path:
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """"I/N" (or (I, N)) -> (I, N) with 0 <= I < N: a job's static share of the sorted bags."""
-    if shard is None:
-        return None
-    if isinstance(shard, str):
-        try:
-            i, n = (int(x) for x in shard.split("/"))
-        except ValueError:
-            raise ExtractError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
-    else:
-        i, n = shard
-    if not 0 <= i < n:
-        raise ExtractError(f"--shard {shard!r}: need 0 <= I < N")
-    return int(i), int(n)
+    """`runtime.parse_shard`, raising ExtractError."""
+    try:
+        return runtime_parse_shard(shard)
+    except ValueError as err:
+        raise ExtractError(str(err)) from None
 
 
 def _share(sources: Sequence[BagSource], shard: tuple[int, int] | None, dist: Dist) -> list[BagSource]:

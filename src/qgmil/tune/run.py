@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from ..models import model_entry
 from ..models.search import Space, merge_space
 from ..rundir import RunConfig, RunDir
 from ..rundir.directory import write_csv, write_json
+from ..runtime import available_cpus
 from ..slurm import SlurmOptions
 from ..train.loop import FoldTrainer
 from ..train.run import OpenRun, attach_run, open_run
@@ -288,8 +288,7 @@ def _spawn_workers(out: Path, count: int) -> list:
     with an equal share of the CPUs; this process takes the same share."""
     if count <= 0:
         return []
-    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-                  // (count + 1))
+    threads = max(1, available_cpus() // (count + 1))
     torch.set_num_threads(threads)
     context = multiprocessing.get_context("spawn")
     events = [context.Event() for _ in range(count)]
