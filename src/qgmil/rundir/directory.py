@@ -113,6 +113,10 @@ class RunDir:
     def tuning_dir(self, fold_name: str) -> Path:
         return self.tuning / fold_name
 
+    def chosen(self, fold_name: str) -> Path:
+        """The outer fold's chosen.json: the settings its tuning chose (present once its study is done)."""
+        return self.tuning_dir(fold_name) / "chosen.json"
+
     def read_chosen(self) -> dict[str, dict]:
         """Outer fold name -> its chosen.json ({params, value, trials, ...}); empty for an untuned run."""
         return {p.parent.name: json.loads(p.read_text()) for p in sorted(self.tuning.glob("*/chosen.json"))}

@@ -56,14 +56,19 @@ def _data_paths(config: RunConfig, out: Path) -> tuple[Path, Path]:
 
 
 def _prepare_data(config: RunConfig, out: Path, ctx: Dist) -> tuple[Path, Path]:
+    """_data_paths, with a built-in dataset prepared there first (by rank 0)."""
+    table, features = _data_paths(config, out)
     data = config.data
-    if data.builtin is None:
-        return data.table, data.features
-    root = data.builtin_dir or out / "data" / data.builtin
-    if ctx.is_main:
-        prepare_dataset(data.builtin, root, progress=config.runtime.progress, **data.builtin_options)
-    barrier(ctx)
-    return root / "labels.csv", root / "features"
+    if data.builtin is not None:
+        if ctx.is_main:
+            prepare_dataset(data.builtin, table.parent, progress=config.runtime.progress, **data.builtin_options)
+        barrier(ctx)
+    return table, features
+
+
+def _dataset(config: RunConfig, table: Path, features: Path) -> MILDataset:
+    return MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
+                                 bag_unit=config.data.bag_unit, cache=config.data.cache)
 
 
 def _check(config: RunConfig, table: Path, features: Path, ctx: Dist) -> None:
@@ -103,25 +108,6 @@ def open_run(config: RunConfig | None, out_dir: str | Path, resume: bool, comman
     """Resolve the config (a new one, or the saved one on resume), start torch.distributed when launched by
     torchrun, prepare and check the data, make the splits, write config.yaml and run.json. A fresh run that
     fails before its config.yaml is written leaves no directory behind."""
-    return _open(config, out_dir, resume, command)
-
-
-def attach_run(out_dir: str | Path) -> OpenRun:
-    """An opened run for a helper process of the run in `out_dir` (e.g. a tuning worker): its saved config,
-    data and splits, with nothing checked again and nothing written."""
-    run = RunDir(Path(out_dir).resolve())
-    run.require_run()
-    config = run.read_config()
-    if config.runtime.threads:
-        torch.set_num_threads(config.runtime.threads)
-    ctx = init_distributed(config.runtime.device)
-    table, features = _data_paths(config, run.root)
-    data = MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
-                                 bag_unit=config.data.bag_unit, cache=config.data.cache)
-    return OpenRun(run, config, ctx, data, Splits.load(run.splits))
-
-
-def _open(config: RunConfig | None, out_dir: str | Path, resume: bool, command: list[str] | None) -> OpenRun:
     run = RunDir(Path(out_dir).resolve())
     config = run.resolve_config(config, resume)
     ctx = init_distributed(config.runtime.device)
@@ -135,6 +121,18 @@ def _open(config: RunConfig | None, out_dir: str | Path, resume: bool, command: 
             shutil.rmtree(run.root, ignore_errors=True)
         raise
     return OpenRun(run, config, ctx, data, splits)
+
+
+def attach_run(out_dir: str | Path) -> OpenRun:
+    """An opened run for a helper process of the run in `out_dir` (e.g. a tuning worker): its saved config,
+    data and splits, with nothing checked again and nothing written."""
+    run = RunDir(Path(out_dir).resolve())
+    run.require_run()
+    config = run.read_config()
+    if config.runtime.threads:
+        torch.set_num_threads(config.runtime.threads)
+    ctx = init_distributed(config.runtime.device)
+    return OpenRun(run, config, ctx, _dataset(config, *_data_paths(config, run.root)), Splits.load(run.splits))
 
 
 def train_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = False, command: list[str] | None = None) -> dict:
@@ -165,8 +163,7 @@ def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: lis
     barrier(ctx)
     table, features = _prepare_data(config, run.root, ctx)
     _check(config, table, features, ctx)
-    data = MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
-                                 bag_unit=config.data.bag_unit, cache=config.data.cache)
+    data = _dataset(config, table, features)
     if ctx.is_main:
         if config.eval.splits is not None and not run.splits.exists():
             shutil.copyfile(config.eval.splits, run.splits)

@@ -159,7 +159,7 @@ class FoldStudy:
         """chosen.json: the best trial's settings and what the study spent."""
         state = optuna().trial.TrialState
         counted = spent(self.study)[: self.tune.trials]
-        best = best_of(self.study, self.tune.trials)
+        best = best_of(counted, self.study.direction)
         if best is None:
             errors = sorted({t.user_attrs.get("error", "") for t in counted} - {""})
             raise TuneError(f"{self.fold.name}: no trial completed ({'; '.join(errors[:3]) or 'all pruned'})")
@@ -183,7 +183,7 @@ class FoldStudy:
         frame = self.study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
         write_csv(folder / "trials.csv", frame)
         plot_study(self.study, folder, self.column[4:])
-        write_json(folder / "chosen.json", chosen)  # last: the fold retrains from it
+        write_json(run.chosen(self.fold.name), chosen)  # last: the fold retrains from it
         return chosen
 
 
@@ -240,7 +240,7 @@ def run_studies(opened: OpenRun, progress: bool) -> None:
     folds = tqdm(opened.splits.folds, desc=f"{opened.config.model.name} nested tuning", unit="fold",
                  disable=not progress)
     for fold in folds:
-        if run.fold(fold.name).finished or (run.tuning_dir(fold.name) / "chosen.json").exists():
+        if run.fold(fold.name).finished or run.chosen(fold.name).exists():
             continue
         study = FoldStudy(opened, fold, storage)
         study.run(progress)
@@ -254,7 +254,7 @@ def retrain(opened: OpenRun, progress: bool) -> dict:
         fold_dir = run.fold(fold.name)
         if fold_dir.finished:
             continue
-        chosen = json.loads((run.tuning_dir(fold.name) / "chosen.json").read_text())
+        chosen = json.loads(run.chosen(fold.name).read_text())
         tuned = config.with_keys({**chosen["fixed"], **chosen["params"]})
         trainer = FoldTrainer(tuned, opened.ctx, opened.data.classes, opened.data.in_dim,
                               {**opened.checkpoint_extra(), "tuned": chosen["params"]})

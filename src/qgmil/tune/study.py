@@ -100,9 +100,9 @@ def mark_alive(trial) -> None:
 
 def _dead(frozen) -> bool:
     attrs = frozen.user_attrs
-    if attrs.get("pid") == os.getpid() and attrs.get("host") == socket.gethostname():
-        return True  # left by an interrupted call in this very process: no trial of ours runs while we look
     if attrs.get("host") == socket.gethostname() and "pid" in attrs:
+        if attrs["pid"] == os.getpid():
+            return True  # left by an interrupted call in this very process: no trial of ours runs while we look
         try:
             os.kill(int(attrs["pid"]), 0)
         except ProcessLookupError:
@@ -137,11 +137,11 @@ def spent(study) -> list:
     return sorted(counted, key=lambda t: t.number)
 
 
-def best_of(study, budget: int):
-    """The best complete trial among the first `budget` counted ones (ties: the earlier trial)."""
+def best_of(counted: list, direction):
+    """The best complete trial of `counted` (the budget's trials, from `spent`); ties: the earlier trial."""
     state = optuna().trial.TrialState
-    eligible = [t for t in spent(study)[:budget] if t.state == state.COMPLETE]
+    eligible = [t for t in counted if t.state == state.COMPLETE]
     if not eligible:
         return None
-    sign = 1 if study.direction == optuna().study.StudyDirection.MAXIMIZE else -1
+    sign = 1 if direction == optuna().study.StudyDirection.MAXIMIZE else -1
     return max(eligible, key=lambda t: (sign * t.value, -t.number))
