@@ -193,6 +193,26 @@ def test_ablation_and_gain_tables_from_results():
     assert format_ablation(results[results["model"] != "qgmil_wo_gate"], ["a", "b"]) is None
 
 
+def test_ablation_pairs_each_variant_with_full_qgmil(bench_file, tmp_path):
+    from qgmil.bench.stats import paired_comparison
+    from qgmil.rundir import RunDir
+
+    out = tmp_path / "out"
+    result = invoke(bench_file, "--models", "qgmil,qgmil_wo_gate", "--folds", "2", "--seeds", "0,1", "--epochs", "1",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    full = RunDir(out / "runs" / "digit-bags" / "qgmil").fold_scores()
+    variant = RunDir(out / "runs" / "digit-bags" / "qgmil_wo_gate").fold_scores()
+    assert sorted(full) == sorted(variant) == [(s, f) for s in (0, 1) for f in (0, 1)]
+    expected = paired_comparison([variant[k] for k in sorted(full)], [full[k] for k in sorted(full)])
+    row = pd.read_csv(out / "ablation.csv").iloc[0]
+    assert (row["dataset"], row["qgmil"], row["baseline"], row["pairs"]) == ("digit-bags", "qgmil_wo_gate", "qgmil", 4)
+    assert row["mean_diff"] == pytest.approx(expected["mean_diff"])
+    assert (row["wins"], row["ties"], row["losses"]) == (expected["wins"], expected["ties"], expected["losses"])
+    md = (out / "ablation.md").read_text()
+    assert "| dataset | variant | against | pairs |" in md and "| digit-bags | qgmil_wo_gate | qgmil | 4 |" in md
+
+
 def test_grid_writes_latex_metric_significance_mass_tables_and_plots(grid):
     out, output = grid
     tex = (out / "results.tex").read_text()

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ..atomic import atomic_write, atomic_write_text
 from .spec import Cell
-from .stats import format_significance, significance
+from .stats import ablation_significance, format_significance, significance
 from .tables import (
     attention_mass, collect_results, compute_gains, format_ablation, format_attention_mass, format_metric_tables,
     format_results, format_results_latex, format_summary, format_tuning, summary_table, tuning_table,
@@ -54,7 +54,9 @@ def build_tables(out: str | Path, cells: list[Cell], echo: Callable[[str], None]
     text("calibration.md", format_metric_tables(results, models, datasets, ["ece", "brier"]))
     csv("gains.csv", gains)
     if ablation_md is not None:
-        text("ablation.md", ablation_md)
+        ablation_tests = ablation_significance(cells)
+        text("ablation.md", ablation_md + "\n\n" + format_significance(ablation_tests, ablation=True))
+        csv("ablation.csv", ablation_tests)
     text("significance.md", format_significance(tests))
     csv("significance.csv", tests)
     text("attention_mass.md", format_attention_mass(mass, skipped))

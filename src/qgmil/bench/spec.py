@@ -20,7 +20,8 @@ OUT/
                    the bags have instance labels (the table `qgmil demo` prints)
   auroc.md, calibration.md   the same grid for AUROC, and for ECE and Brier (lowest in bold)
   gains.csv        best QG-MIL variant vs best baseline per dataset, and their mean
-  ablation.md      with full qgmil and at least one one-off variant: each variant's macro-F1 and its change
+  ablation.md/.csv with full qgmil and at least one one-off variant: each variant's macro-F1 and its change,
+                   and each variant vs full qgmil paired per (seed, fold): Wilcoxon, t-test
   significance.md/.csv   best QG-MIL variant vs each baseline, paired per (seed, fold): Wilcoxon, t-test
   attention_mass.md/.csv  concentration (and localisation) of each cell's test attention
   results.png, ranks.png  macro-F1 bars per dataset; average rank of each model (matplotlib)

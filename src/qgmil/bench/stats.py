@@ -1,4 +1,5 @@
-"""Paired comparisons: the best QG-MIL variant against each baseline, fold by fold, with significance tests.
+"""Paired comparisons, fold by fold, with significance tests: the best QG-MIL variant against each baseline
+(`significance`), and each one-component-off variant against full QG-MIL (`ablation_significance`).
 
 All models of a dataset share the prepared data and thus, for the same seed, the same test folds, so their
 per-fold macro-F1 values pair up by (seed, fold). Per pair the difference is QG-MIL minus baseline; a tie is
@@ -92,10 +93,34 @@ def significance(cells: list[Cell], results: pd.DataFrame, gains: pd.DataFrame) 
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def format_significance(table: pd.DataFrame) -> str:
-    """Markdown: a row per comparison, n/a p-values marked with a footnote that says why."""
+def ablation_significance(cells: list[Cell]) -> pd.DataFrame:
+    """Per dataset: each finished one-off variant of ABLATION_SET against full qgmil, paired over their
+    common (seed, fold) test folds, Δ = variant - full (positive: removing the component helped). Columns
+    as COLUMNS, with `qgmil` the variant and `baseline` the full model. Here nothing is picked on the test
+    folds, so the p-values are not biased the way the best-variant ones are (still uncorrected)."""
+    from ..models import ABLATION_SET
+
+    full_name, variants = ABLATION_SET[0], ABLATION_SET[1:]
+    rows = []
+    for dataset in dict.fromkeys(c.dataset for c in cells):
+        here = {c.model: c for c in cells if c.finished and c.dataset == dataset}
+        if full_name not in here:
+            continue
+        full = here[full_name].rundir.fold_scores()
+        for variant in (v for v in variants if v in here):
+            scores = here[variant].rundir.fold_scores()
+            keys = sorted(set(full) & set(scores))
+            rows.append({"dataset": dataset, "qgmil": variant, "baseline": full_name,
+                         **paired_comparison([scores[k] for k in keys], [full[k] for k in keys])})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def format_significance(table: pd.DataFrame, ablation: bool = False) -> str:
+    """Markdown: a row per comparison, n/a p-values marked with a footnote that says why. `ablation`: the
+    table of ablation_significance (variant against full QG-MIL) instead of best variant against baselines."""
     if table.empty:
-        return "No dataset with both a finished QG-MIL variant and a finished baseline yet."
+        return ("No dataset with both full QG-MIL and a finished variant yet." if ablation else
+                "No dataset with both a finished QG-MIL variant and a finished baseline yet.")
     marks: dict[str, str] = {}
 
     def p_cell(p: float, note: str) -> str:
@@ -104,18 +129,23 @@ def format_significance(table: pd.DataFrame) -> str:
             return f"n/a [{mark}]"
         return f"{p:.3g}"
 
-    header = ["dataset", "QG-MIL", "baseline", "pairs", "mean Δ macro-F1", "wins / ties / losses", "Wilcoxon p",
-              "paired t p"]
+    names = ["variant", "against"] if ablation else ["QG-MIL", "baseline"]
+    header = ["dataset", *names, "pairs", "mean Δ macro-F1", "wins / ties / losses", "Wilcoxon p", "paired t p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.itertuples():
         cells = [r.dataset, r.qgmil, r.baseline, str(r.pairs), f"{r.mean_diff:+.3f}",
                  f"{r.wins} / {r.ties} / {r.losses}", p_cell(r.wilcoxon_p, r.wilcoxon_note),
                  p_cell(r.ttest_p, r.ttest_note)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", ("Best QG-MIL variant per dataset (as in results.md) against each baseline, paired over the same "
-                   "(seed, fold) test folds: Δ = QG-MIL - baseline, wins / ties / losses count pairs, p-values are "
-                   "two-sided and not corrected for multiple comparisons. The variant is picked on these same test "
-                   "folds, which favours it: read the p-values as descriptive.")]
+    if ablation:
+        lines += ["", ("Each variant against full QG-MIL, paired over the same (seed, fold) test folds: Δ = variant - "
+                       "full (positive: the model did better without that component), wins / ties / losses count "
+                       "pairs, p-values are two-sided and not corrected for multiple comparisons.")]
+    else:
+        lines += ["", ("Best QG-MIL variant per dataset (as in results.md) against each baseline, paired over the "
+                       "same (seed, fold) test folds: Δ = QG-MIL - baseline, wins / ties / losses count pairs, "
+                       "p-values are two-sided and not corrected for multiple comparisons. The variant is picked on "
+                       "these same test folds, which favours it: read the p-values as descriptive.")]
     if (table["dataset"] == ACROSS).any():
         lines.append(f"Rows `{ACROSS}` pair the per-dataset means (the best QG-MIL variant of each dataset).")
     if marks:
