@@ -62,15 +62,16 @@ def _report_extraction(summary) -> None:
 @click.option("--mpp", type=POSITIVE, help="Level-0 micrometres per pixel of slides whose metadata lack it "
                                              "(metadata win).")
 @click.option("--min-tissue", default=0.5, type=FiniteFloat(0, 1), help="Minimum tissue fraction of a kept tile.")
-@click.option("--tissue-threshold", type=FiniteFloat(0, 255), help="Saturation threshold 0-255 (default: Otsu per slide).")
+@click.option("--tissue-threshold", type=FiniteFloat(0, 255),
+              help="Saturation threshold 0-255 (default: Otsu per slide).")
 @click.option("--no-tissue", is_flag=True, help="Tile the whole image (no tissue segmentation).")
 @click.option("--recursive", is_flag=True, help="Look for slides in subfolders too.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1),
               help="Largest plain image (PNG, JPEG, plain TIFF; decoded whole) read, in pixels "
                    f"[default: ${MAX_PIXELS_ENV} or {DEFAULT_MAX_IMAGE_PIXELS:_}].")
 def extract_wsi(slides, out, encoder, weights, batch_size, workers, device, precision, skip_errors, seed, quiet,
-                shard, stale_lock_minutes, tile_px, tile_um, magnification, mpp, min_tissue, tissue_threshold, no_tissue,
-                recursive, max_image_pixels):
+                shard, stale_lock_minutes, tile_px, tile_um, magnification, mpp, min_tissue, tissue_threshold,
+                no_tissue, recursive, max_image_pixels):
     """Slides (files or folders) to one feature file per slide with tile coordinates.
 
     Run under `torchrun --nproc-per-node N qgmil extract wsi ...` to share the slides over N processes/GPUs,
@@ -96,7 +97,8 @@ def extract_wsi(slides, out, encoder, weights, batch_size, workers, device, prec
               help="Instead of ROOT: a CSV/TSV with one row per cell image (path, sample id).")
 @click.option("--path-column", default="path", help="Image path column of --table (relative to the table).")
 @click.option("--sample-column", default="sample_id", help="Sample id column of --table.")
-@click.option("--cell-px", type=click.IntRange(min=8), help="Side cells are resized to (default: the encoder's input size).")
+@click.option("--cell-px", type=click.IntRange(min=8),
+              help="Side cells are resized to (default: the encoder's input size).")
 def extract_cells_cmd(root, out, encoder, weights, batch_size, workers, device, precision, skip_errors, seed, quiet,
                       shard, stale_lock_minutes, table, path_column, sample_column, cell_px):
     """Single-cell images to one feature file per sample: ROOT/<sample>/*.png (any depth), or --table."""

@@ -241,9 +241,9 @@ def _match_slides(slides, wanted: Sequence[str], *, patches: int, tissue_only: b
     if not found:
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         holds = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "nothing"
-        raise HeatmapError(f"{folder}: no slide for any of the bags drawn: looked for {', '.join(missing[:8])}"
-                           f"{' ...' if len(missing) > 8 else ''} (<id>.{{{','.join(s[1:] for s in _SLIDE_ORDER)}}}); "
-                           f"the folder holds {holds}")
+        more = " ..." if len(missing) > 8 else ""
+        raise HeatmapError(f"{folder}: no slide for any of the bags drawn: looked for {', '.join(missing[:8])}{more} "
+                           f"(as <id>.<ext>, ext one of {' '.join(_SLIDE_ORDER)}); the folder holds {holds}")
     if missing:
         without = ["a slide background"] + (["tissue masking"] if tissue_only else []) + \
             (["the patch grid"] if patches else [])
