@@ -214,8 +214,7 @@ def test_explain_heatmap_cli(wsi_runs, tmp_path):
     # two runs -> one figure with two panels, wider than the single-run one
     both = tmp_path / "both"
     result = CliRunner().invoke(main, ["explain", "heatmap", str(wsi_runs["abmil"]), str(wsi_runs["mean_pool"]),
-                                       "--bags", bags[0], "--out", str(both), "--normalise", "minmax",
-                                       "--slides", str(tmp_path / "noslides")])
+                                       "--bags", bags[0], "--out", str(both), "--normalise", "minmax"])
     assert result.exit_code == 0, result.output
     assert [p.name for p in both.glob("*.png")] == [f"{bags[0]}.png"]
     with Image.open(both / f"{bags[0]}.png") as two, Image.open(out / f"{bags[0]}.png") as one:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..extract.limits import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV  # light: `qgmil --help` imports no numpy
+
 
 @click.group()
 def explain():
@@ -32,7 +34,7 @@ def explain_mass(run_dirs, out):
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--bags", help="Comma-separated bag ids (default: the first 3 test bags of the first run).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
-@click.option("--slides", type=click.Path(file_okay=False),
+@click.option("--slides", type=click.Path(exists=True, file_okay=False),
               help="Folder of slides named <bag_id>.<ext> (patient bags: each slide's id) for the background.")
 @click.option("--normalise", type=click.Choice(["rank", "minmax", "none"]), default="rank", show_default=True,
               help="rank: percentile of each weight within its bag; minmax: (a - min) / (max - min); none: raw.")
@@ -44,11 +46,16 @@ def explain_mass(run_dirs, out):
 @click.option("--patches", default=0, type=click.IntRange(0), metavar="K",
               help="Also write <bag_id>_patches.png: the K most and K least attended tiles (needs --slides).")
 @click.option("--tissue-only", is_flag=True, help="Paint no heat outside the tissue found on the slide (needs --slides).")
-def explain_heatmap(run_dirs, bags, out, slides, normalise, cmap, alpha, max_size, branches, patches, tissue_only):
+@click.option("--max-image-pixels", type=click.IntRange(min=1),
+              help="Largest plain-image slide (PNG, JPEG, plain TIFF; decoded whole) read, in pixels "
+                   f"[default: ${MAX_PIXELS_ENV} or {DEFAULT_MAX_IMAGE_PIXELS:_}].")
+def explain_heatmap(run_dirs, bags, out, slides, normalise, cmap, alpha, max_size, branches, patches, tissue_only,
+                    max_image_pixels):
     """Attention heatmaps: each tile's test attention painted over its place on the slide.
 
     Writes OUT/<bag_id>.png per bag; with several RUN_DIRs, one panel per run side by side. Without
-    --slides the heat is drawn on white. A patient bag of several slides gives OUT/<bag_id>__<slide_id>.png
+    --slides the heat is drawn on white; with it, no matching slide at all is an error and bags whose slide
+    is missing are named in a warning. A patient bag of several slides gives OUT/<bag_id>__<slide_id>.png
     per slide.
     """
     from ..explain.heatmap import run_heatmaps
@@ -56,7 +63,7 @@ def explain_heatmap(run_dirs, bags, out, slides, normalise, cmap, alpha, max_siz
     written = run_heatmaps(run_dirs, out, bags=[b.strip() for b in bags.split(",") if b.strip()] if bags else None,
                            slides=slides, normalise=normalise, cmap=cmap, alpha=alpha, max_size=max_size,
                            branches=branches, patches=patches, tissue_only=tissue_only,
-                           echo=lambda m: click.echo(m, err=True), progress=True)
+                           echo=lambda m: click.echo(m, err=True), progress=True, max_pixels=max_image_pixels)
     click.echo("wrote " + ", ".join(str(p) for p in written))
 
 

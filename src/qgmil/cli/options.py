@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which pass its comparisons)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+#: an option value > 0 (a magnification, micrometres, um / px)
+POSITIVE = FiniteFloat(min=0, min_open=True)
 
 def column_options(fn):
     """The table column options shared by every command that reads a dataset table."""

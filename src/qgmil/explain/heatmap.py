@@ -189,28 +189,66 @@ def render_overlay(heat: np.ndarray, path, *, background: np.ndarray | None = No
 
 # --- slides -------------------------------------------------------------------------------------
 
-def read_thumbnail(slide_path, max_size: int = 2048) -> tuple[np.ndarray, tuple[int, int]]:
+def read_thumbnail(slide_path, max_size: int = 2048, *, max_pixels: int | None = None
+                   ) -> tuple[np.ndarray, tuple[int, int]]:
     """(RGB uint8 thumbnail with long side <= max_size, level-0 (W, H)) of a slide or plain image.
 
     WSI formats (.svs, .ndpi, .mrxs, pyramidal .tif...) use openslide if importable, else tiffslide;
-    PNG / JPEG / BMP (and .tif without a WSI reader) use Pillow, without its decompression-bomb limit.
+    PNG / JPEG / BMP (and .tif without a WSI reader) use Pillow, up to `max_pixels` (see `open_slide`).
     """
     path = Path(slide_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such slide")
     try:
-        with open_slide(path) as slide:
+        with open_slide(path, max_pixels=max_pixels) as slide:
             return slide.thumbnail(max_size), slide.dimensions
     except SlideError as err:
         raise HeatmapError(str(err)) from None
 
 
+_SLIDE_ORDER = {s: i for i, s in enumerate(dict.fromkeys(WSI_SUFFIXES + PLAIN_SUFFIXES))}
+
+
+def slides_by_id(slides_dir) -> dict[str, Path]:
+    """{slide id: file} of the slide files (by suffix) directly in `slides_dir`; WSI formats win over plain
+    images of the same id. Names are compared, not globbed, so ids may hold `[`, `*` or `?`."""
+    found: dict[str, Path] = {}
+    for path in sorted(Path(slides_dir).iterdir()):
+        if path.suffix.lower() not in _SLIDE_ORDER or path.name.startswith(".") or not path.is_file():
+            continue
+        best = found.get(path.stem)
+        if best is None or _SLIDE_ORDER[path.suffix.lower()] < _SLIDE_ORDER[best.suffix.lower()]:
+            found[path.stem] = path
+    return found
+
+
 def find_slide(slides_dir, bag_id: str) -> Path | None:
-    """`<slides_dir>/<bag_id>.<ext>` (WSI formats first), or None."""
-    found = [p for p in Path(slides_dir).glob(f"{bag_id}.*") if p.is_file() and p.stem == bag_id]
-    order = {s: i for i, s in enumerate(WSI_SUFFIXES + PLAIN_SUFFIXES)}
-    found.sort(key=lambda p: (order.get(p.suffix.lower(), len(order)), p.name))
-    return found[0] if found else None
+    """`<slides_dir>/<bag_id>.<ext>` of a slide format (WSI formats first), or None."""
+    return slides_by_id(slides_dir).get(bag_id)
+
+
+def _match_slides(slides, wanted: Sequence[str], *, patches: int, tissue_only: bool, warn) -> dict[str, Path]:
+    """{slide id: file} for the `wanted` slide ids found in the folder `slides`.
+
+    None found is an error (a wrong folder, or files named otherwise) naming the folder, the ids looked for and
+    the names it holds; some missing is a warning naming them and what they go without."""
+    folder = Path(slides)
+    if not folder.is_dir():
+        raise HeatmapError(f"--slides {folder}: no such folder")
+    available = slides_by_id(folder)
+    found = {s: available[s] for s in wanted if s in available}
+    missing = [s for s in wanted if s not in available]
+    if not found:
+        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        holds = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "nothing"
+        more = " ..." if len(missing) > 8 else ""
+        raise HeatmapError(f"{folder}: no slide for any of the bags drawn: looked for {', '.join(missing[:8])}{more} "
+                           f"(as <id>.<ext>, ext one of {' '.join(_SLIDE_ORDER)}); the folder holds {holds}")
+    if missing:
+        without = ["a slide background"] + (["tissue masking"] if tissue_only else []) + \
+            (["the patch grid"] if patches else [])
+        warn(f"warning: {folder}: no slide for {', '.join(missing)}: drawn on white, without {', '.join(without)}")
+    return found
 
 
 # --- feature files ------------------------------------------------------------------------------
@@ -276,7 +314,7 @@ def restrict_to_tissue(heat: np.ndarray, tissue: np.ndarray) -> np.ndarray:
 def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, slides=None,
                  normalise: str = "rank", cmap: str = "jet", alpha: float = 0.5, max_size: int = 2048,
                  branches: bool = False, patches: int = 0, tissue_only: bool = False, echo=None,
-                 progress: bool = False) -> list[Path]:
+                 progress: bool = False, max_pixels: int | None = None) -> list[Path]:
     """Write OUT/<bag_id>.png per bag (default: the first 3 test bags of the first run): one panel per
     run, titled with its model name, over the slide thumbnail from `slides`; without a slide, on white
     and cropped to the tiles' bounding box.
@@ -286,6 +324,8 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
     patches: also OUT/<bag_id>_patches.png, the `patches` most and least attended tiles of every panel's
         attention, cropped from the slide (needs `slides`).
     tissue_only: no heat off the tissue that `segment_tissue` finds on the thumbnail (needs `slides`).
+    With `slides`, no matching slide at all is an error; some missing is a warning (`echo`, else `warnings`).
+    max_pixels: the largest plain-image slide read (see `open_slide`).
     A patient bag spanning several slides gives OUT/<bag_id>__<slide_id>.png (and _patches) per slide,
     each with its slide's share of the bag's attention (ranks taken over the whole bag).
     """
@@ -296,6 +336,7 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
     if (patches or tissue_only) and not slides:
         raise HeatmapError(f"{'--patches' if patches else '--tissue-only'} needs the slides (--slides): "
                            "it reads them, not the feature files")
+    _check_cmap(cmap)
     runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise ValueError("no run directory")
@@ -304,11 +345,18 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
     bags = [str(b) for b in bags] if bags else list(dict.fromkeys(runs[0].rows["bag_id"]))[:3]
     names = run_names(runs)
     units = bag_units(runs[0])
+    unknown = [b for b in bags if b not in units]
+    if unknown:
+        raise HeatmapError(f"{runs[0].run_dir}: bag {unknown[0]!r} is not in the run's dataset")
+    # every slide is looked up before anything is drawn: a wrong --slides fails at once, not after the figures
+    found = {}
+    if slides:
+        wanted = list(dict.fromkeys(s for b in bags for s in units[b].slide_ids))
+        found = _match_slides(slides, wanted, patches=patches, tissue_only=tissue_only,
+                              warn=echo or (lambda m: warnings.warn(m, stacklevel=3)))
     out = Path(out)
     written = []
     for bag_id in tqdm(bags, desc="heatmaps", unit="bag", disable=not progress):
-        if bag_id not in units:
-            raise HeatmapError(f"{runs[0].run_dir}: bag {bag_id!r} is not in the run's dataset")
         unit = units[bag_id]
         geometry = [bag_geometry(f) for f in unit.files]
         offsets = np.cumsum([0] + [c.shape[0] for c, _ in geometry])
@@ -331,25 +379,31 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
             stem = bag_id if len(unit.files) == 1 else f"{bag_id}__{slide_id}"
             parts = [(t, a[offsets[i]:offsets[i + 1]]) for t, a in shown]
             raw = [a[offsets[i]:offsets[i + 1]] for _, _, a in views]
-            written += _draw_slide(stem, coords, patch, slide_id, parts, raw, out, slides=slides, cmap=cmap,
+            written += _draw_slide(stem, coords, patch, parts, raw, out, slide=found.get(slide_id), cmap=cmap,
                                    alpha=alpha, max_size=max_size, bounded=normalise != "none", patches=patches,
-                                   tissue_only=tissue_only, single=len(runs) == 1, echo=echo)
+                                   tissue_only=tissue_only, single=len(runs) == 1, max_pixels=max_pixels)
     return written
 
 
-def _draw_slide(stem: str, coords: np.ndarray, patch: float, slide_id: str, parts, raw, out: Path, *, slides,
+def _check_cmap(cmap: str) -> None:
+    """An unknown colormap is an error naming it, before any figure (matplotlib would raise a KeyError late)."""
+    try:
+        from matplotlib import colormaps
+    except ImportError:
+        return  # new_figure says how to install matplotlib
+    if cmap not in colormaps:
+        raise HeatmapError(f"--cmap {cmap!r} is not a matplotlib colormap (e.g. jet, viridis, magma, coolwarm)")
+
+
+def _draw_slide(stem: str, coords: np.ndarray, patch: float, parts, raw, out: Path, *, slide: Path | None,
                 cmap: str, alpha: float, max_size: int, bounded: bool, patches: int, tissue_only: bool,
-                single: bool, echo) -> list[Path]:
-    """OUT/<stem>.png (one panel per (title, normalised weights) of `parts`) and, with `patches`,
-    OUT/<stem>_patches.png (ranked on the `raw` weights, which the captions show)."""
+                single: bool, max_pixels: int | None) -> list[Path]:
+    """OUT/<stem>.png (one panel per (title, normalised weights) of `parts`) over `slide` (None: on white)
+    and, with `patches` and a slide, OUT/<stem>_patches.png (ranked on the `raw` weights, which the captions
+    show)."""
     background, slide_size, tissue = None, None, None
-    slide = find_slide(slides, slide_id) if slides else None
-    if slides and slide is None and echo:
-        skipped = ", no tissue masking" if tissue_only else ""
-        skipped += ", no patch grid" if patches else ""
-        echo(f"{stem}: no slide {Path(slides) / slide_id}.* - drawing on white{skipped}")
     if slide is not None:
-        background, slide_size = read_thumbnail(slide, max_size)
+        background, slide_size = read_thumbnail(slide, max_size, max_pixels=max_pixels)
         if tissue_only:
             from ..extract.tissue import segment_tissue
 
@@ -368,7 +422,7 @@ def _draw_slide(stem: str, coords: np.ndarray, patch: float, slide_id: str, part
                              alpha=alpha, **bounds)]
     if patches and slide is not None:
         rows = []
-        with open_slide(slide) as opened:
+        with open_slide(slide, max_pixels=max_pixels) as opened:
             for (title, _), a in zip(parts, raw):
                 rows += ranked_rows(title, a, patches, lambda idx: tile_crops(opened, coords, patch, idx))
         written.append(render_gallery(rows, out / f"{stem}_patches.png", title=f"{stem}: most / least attended tiles"))

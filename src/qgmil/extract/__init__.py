@@ -1,6 +1,7 @@
 """Feature extraction: whole-slide images and single-cell images -> feature bags (HDF5, one per bag).
 
     slide.py     one Slide interface over openslide, tiffslide and Pillow
+    limits.py    the pixel limit of plain images (Pillow decodes them whole)
     tissue.py    tissue segmentation on a thumbnail
     tiling.py    tile grid at a physical size over the tissue; a Dataset that reads the tiles
     encoders.py  image encoders on timm (resnet50_trunc, UNI, DinoBloom, any timm model)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..runtime import init_distributed
-from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, parse_shard, run_extraction
+from .engine import (BagSource, ExtractError, ExtractSummary, PreparedBag, check_run_options, is_whole, make_manifest,
+                     parse_shard, run_extraction)
 from .locks import STALE_MINUTES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -106,8 +107,10 @@ class CellDataset(torch.utils.data.Dataset):
                 if image.size != (self.size, self.size):
                     image = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
                 return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-        except OSError as err:
+        except (OSError, Image.DecompressionBombError) as err:  # Pillow's guard stays on for cells
             raise ExtractError(f"{path}: cannot read the image ({err})") from None
+        except MemoryError:
+            raise ExtractError(f"{path}: out of memory decoding the image") from None
 
 
 def extract_cells(
@@ -139,6 +142,9 @@ def extract_cells(
     from .encoders import create_encoder
 
     shard = parse_shard(shard)
+    check_run_options(batch_size, num_workers, stale_minutes)
+    if cell_px is not None and not is_whole(cell_px, 8):
+        raise ExtractError(f"--cell-px must be a whole number >= 8, got {cell_px!r}")  # 0 must not mean the default
     if (root is None) == (table is None):
         raise ExtractError("give either a root folder of sample folders or --table, not both or neither")
     samples = find_samples(root) if table is None else samples_from_table(table, path_column, sample_column)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 import time
@@ -160,6 +161,26 @@ def check_manifest(out: Path, manifest: dict) -> None:
                            "same settings to resume.")
 
 
+def is_whole(value, minimum: int) -> bool:
+    """An integer (not a bool) >= minimum."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+
+def is_finite(value) -> bool:
+    """A finite real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_run_options(batch_size, num_workers, stale_minutes) -> None:
+    """Refuse bad batching / worker / lock settings before anything is created (not as a failure of each bag)."""
+    if not is_whole(batch_size, 1):
+        raise ExtractError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    if num_workers is not None and not is_whole(num_workers, 0):
+        raise ExtractError(f"--workers must be a whole number >= 0, got {num_workers!r}")
+    if not (is_finite(stale_minutes) and stale_minutes > 0):
+        raise ExtractError(f"--stale-lock-minutes must be a number > 0, got {stale_minutes!r}")
+
+
 def feature_path(out: Path, bag_id: str) -> Path:
     return out / "features" / f"{bag_id}.h5"
 
@@ -296,6 +317,7 @@ def run_extraction(
     failed/<bag>.txt and bags.csv, and the others go on. Nothing written before is lost either way.
     """
     out = Path(out)
+    check_run_options(batch_size, num_workers, stale_minutes)
     ids = [s.bag_id for s in sources]
     duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
     if duplicates:

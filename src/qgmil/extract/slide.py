@@ -7,6 +7,9 @@
 
 Every read is RGB uint8: transparent pixels (e.g. the empty parts of an .mrxs) and pixels outside the
 image are white, so downstream code (tissue detection, encoders) sees glass, not black.
+
+Plain images are decoded whole by Pillow, so they are refused above `max_image_pixels()` pixels (a small PNG
+can decode to gigabytes); WSI formats are read tile by tile and have no such limit.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .limits import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV, max_image_pixels  # noqa: F401  (re-exported)
 
 #: formats only a WSI reader (openslide / tiffslide) opens (.tif / .tiff: tried with one, then Pillow)
 WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
@@ -28,6 +33,10 @@ _PLAUSIBLE_MPP = (0.05, 20.0)
 
 class SlideError(ValueError):
     """A slide that cannot be opened or read; the message names the file and the problem."""
+
+
+class ImageTooLarge(SlideError):
+    """A plain image above the pixel limit (`max_image_pixels`)."""
 
 
 @contextmanager
@@ -83,9 +92,10 @@ class Slide:
     (mpp_from_metadata says which); magnification: objective power or None.
     """
 
-    def __init__(self, path: Path, backend: str, *, mpp: float | None = None):
+    def __init__(self, path: Path, backend: str, *, mpp: float | None = None, max_pixels: int | None = None):
         self.path = path
         self.backend = backend
+        self.max_pixels = max_image_pixels(max_pixels)
         self._handle = None  # openslide / tiffslide object
         self._image = None  # pillow: (H, W, 3) uint8, decoded on the first read_region
         if backend == "pillow":
@@ -127,6 +137,14 @@ class Slide:
                 dpi = image.info.get("dpi")
         except OSError as err:
             raise SlideError(f"{self.path}: cannot read the image ({err})") from None
+        width, height = self.dimensions
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(
+                f"{self.path}: {width} x {height} px ({width * height / 1e6:,.0f} megapixels) is above the limit of "
+                f"{self.max_pixels / 1e6:,.0f} megapixels for plain images, which are decoded whole (this one would "
+                f"take {3 * width * height / 2**30:.1f} GiB per process). Convert it to a pyramidal TIFF or SVS, read "
+                "tile by tile (e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`), or raise the "
+                f"limit with --max-image-pixels or ${MAX_PIXELS_ENV}")
         self.level_dimensions = (self.dimensions,)
         self.level_downsamples = (1.0,)
         dots_per_inch = _float(dpi[0]) if dpi else None
@@ -143,7 +161,15 @@ class Slide:
                     self._image = _to_rgb(image)
             except OSError as err:
                 raise SlideError(f"{self.path}: cannot decode the image ({err})") from None
+            except MemoryError:
+                raise self._out_of_memory("decoding the image") from None
         return self._image
+
+    def _out_of_memory(self, doing: str) -> SlideError:
+        """A MemoryError while reading, as an error that names the slide (MemoryError's own message is empty)."""
+        width, height = self.dimensions
+        return SlideError(f"{self.path}: out of memory {doing} ({width} x {height} px, {self.backend}); "
+                          "free memory, use fewer --workers, or convert a plain image to a pyramidal TIFF")
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -173,6 +199,8 @@ class Slide:
         else:
             try:
                 region = self._handle.read_region((x0, y0), level, (c1 - c0, r1 - r0))
+            except MemoryError:
+                raise self._out_of_memory(f"reading the region at {(x0, y0)}, level {level}") from None
             except Exception as err:  # a corrupt tile surfaces here, with the reader's own error type
                 raise SlideError(f"{self.path}: cannot read the region at {(x0, y0)}, level {level} ({err})") from None
             out[r0:r1, c0:c1] = _to_rgb(region)
@@ -188,6 +216,8 @@ class Slide:
         if self.backend != "pillow":
             try:
                 return _to_rgb(self._handle.get_thumbnail((max_size, max_size)))
+            except MemoryError:
+                raise self._out_of_memory("reading a thumbnail") from None
             except Exception as err:
                 raise SlideError(f"{self.path}: cannot read a thumbnail ({err})") from None
         try:
@@ -200,6 +230,8 @@ class Slide:
             image.thumbnail((max_size, max_size))
         except OSError as err:
             raise SlideError(f"{self.path}: cannot read the image ({err})") from None
+        except MemoryError:
+            raise self._out_of_memory("reading a thumbnail") from None
         return np.array(image, dtype=np.uint8)
 
     def best_level(self, downsample: float) -> int:
@@ -227,29 +259,31 @@ class Slide:
                 f"levels={len(self.level_dimensions)}, mpp={self.mpp}, magnification={self.magnification})")
 
 
-def open_slide(path, *, mpp: float | None = None, backend: str | None = None) -> Slide:
+def open_slide(path, *, mpp: float | None = None, backend: str | None = None, max_pixels: int | None = None) -> Slide:
     """Open a slide or plain image.
 
     WSI suffixes use openslide if importable, else tiffslide; PNG / JPEG / BMP use Pillow, and so does a
     .tif / .tiff that the WSI reader cannot open (or when no WSI reader is installed). `backend` forces
     one of "openslide", "tiffslide", "pillow". `mpp` (um per level-0 px, > 0) is the resolution of a slide
-    whose metadata have none (metadata win: a folder of mixed slides keeps each scan's own).
+    whose metadata have none (metadata win: a folder of mixed slides keeps each scan's own). `max_pixels`:
+    the largest plain image (width x height) read with Pillow (default: `max_image_pixels()`).
     """
     path = Path(path)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if mpp is not None and _float(mpp) is None:
         raise SlideError(f"{path}: mpp must be a number > 0, got {mpp!r}")
+    max_pixels = max_image_pixels(max_pixels)
     if not path.is_file():
         raise SlideError(f"{path}: no such slide")
     if backend is not None:
-        return Slide(path, backend, mpp=mpp)
+        return Slide(path, backend, mpp=mpp, max_pixels=max_pixels)
     suffix = path.suffix.lower()
     wsi = _wsi_backend() if suffix in WSI_SUFFIXES else None
     wsi_error = None
     if wsi is not None:
         try:
-            return Slide(path, wsi, mpp=mpp)
+            return Slide(path, wsi, mpp=mpp, max_pixels=max_pixels)
         except SlideError as err:
             if suffix not in PLAIN_SUFFIXES:
                 raise
@@ -257,7 +291,9 @@ def open_slide(path, *, mpp: float | None = None, backend: str | None = None) ->
     if suffix not in PLAIN_SUFFIXES:
         raise SlideError(f"{path}: reading {suffix or 'this'} slides needs openslide or tiffslide: {INSTALL_HINT}")
     try:
-        return Slide(path, "pillow", mpp=mpp)
+        return Slide(path, "pillow", mpp=mpp, max_pixels=max_pixels)
+    except ImageTooLarge:
+        raise
     except SlideError as err:
         if wsi_error is not None:
             raise SlideError(f"{wsi_error}; nor can Pillow read it") from None

@@ -166,17 +166,18 @@ class TileDataset(torch.utils.data.Dataset):
     backend each process decodes the whole image once.
     """
 
-    def __init__(self, slide_path, tiling: Tiling, *, backend: str | None = None):
+    def __init__(self, slide_path, tiling: Tiling, *, backend: str | None = None, max_pixels: int | None = None):
         self.slide_path = Path(slide_path)
         self.tiling = tiling
         self.backend = backend
+        self.max_pixels = max_pixels  # the plain-image limit the slide was opened with (see slide.py)
         self._slide: Slide | None = None
         self._pid: int | None = None
 
     def _open(self) -> Slide:
         # a handle inherited through fork belongs to the parent: reopen in each process
         if self._slide is None or self._pid != os.getpid():
-            self._slide = open_slide(self.slide_path, backend=self.backend)  # reads need no mpp
+            self._slide = open_slide(self.slide_path, backend=self.backend, max_pixels=self.max_pixels)  # no mpp
             self._pid = os.getpid()
         return self._slide
 

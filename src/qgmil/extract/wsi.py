@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import init_distributed
-from .engine import BagSource, ExtractError, ExtractSummary, PreparedBag, make_manifest, parse_shard, run_extraction
+from .engine import (BagSource, ExtractError, ExtractSummary, PreparedBag, check_run_options, is_finite, is_whole,
+                     make_manifest, parse_shard, run_extraction)
 from .locks import STALE_MINUTES
+from .limits import max_image_pixels
 from .slide import PLAIN_SUFFIXES, WSI_SUFFIXES, open_slide
 from .tiling import TileDataset, plan_tiles
 from .tissue import save_mask_png, segment_tissue
@@ -32,7 +34,10 @@ DEFAULT_ENCODER = "resnet50_trunc"  # `qgmil extract wsi` without --encoder
 @dataclass(frozen=True)
 class TilingSettings:
     """How slides are cut. Resolution: `tile_um` (physical tile side) or `magnification` (20 = 0.5 um/px);
-    neither: 20x. `mpp`: the level-0 resolution of slides whose metadata lack one (metadata win)."""
+    neither: 20x. `mpp`: the level-0 resolution of slides whose metadata lack one (metadata win).
+    `max_image_pixels`: the largest plain image (PNG, JPEG, plain TIFF) read whole (None: `max_image_pixels()`).
+
+    Every field is checked here, so a bad value stops the run before anything is written, not each slide."""
 
     tile_px: int = 256
     tile_um: float | None = None
@@ -43,16 +48,28 @@ class TilingSettings:
     min_saturation: float = 15.0
     mask_size: int = 2048  # long side of the thumbnail the tissue is segmented on
     mpp: float | None = None
+    max_image_pixels: int | None = None
 
     def __post_init__(self):
         if self.tile_um is not None and self.magnification is not None:
             raise ExtractError("give either a tile size in micrometres (--tile-um) or a magnification, not both")
-        if self.tile_px < 8:
-            raise ExtractError(f"tile size {self.tile_px} px is too small")
-        if not 0 <= self.min_tissue <= 1:
-            raise ExtractError(f"min tissue fraction must be in [0, 1], got {self.min_tissue}")
-        if self.mpp is not None and not self.mpp > 0:
-            raise ExtractError(f"--mpp must be > 0, got {self.mpp}")
+        if not is_whole(self.tile_px, 8):
+            raise ExtractError(f"--tile-px must be a whole number >= 8, got {self.tile_px!r}")
+        # 0 must not mean "the default" (magnification 0 was read as 20x), nor NaN / inf pass a "> 0" test
+        for flag, value in (("--tile-um", self.tile_um), ("--magnification", self.magnification), ("--mpp", self.mpp)):
+            if value is not None and not (is_finite(value) and value > 0):
+                raise ExtractError(f"{flag} must be a number > 0, got {value!r}")
+        if not (is_finite(self.min_tissue) and 0 <= self.min_tissue <= 1):
+            raise ExtractError(f"--min-tissue must be in [0, 1], got {self.min_tissue!r}")
+        for flag, value in (("--tissue-threshold", self.tissue_threshold), ("min_saturation", self.min_saturation)):
+            if value is not None and not (is_finite(value) and 0 <= value <= 255):
+                raise ExtractError(f"{flag} must be a saturation in [0, 255], got {value!r}")
+        if not is_whole(self.mask_size, 16):
+            raise ExtractError(f"mask_size must be a whole number >= 16, got {self.mask_size!r}")
+        try:
+            max_image_pixels(self.max_image_pixels)
+        except ValueError as err:
+            raise ExtractError(str(err)) from None
 
     @property
     def target_mpp(self) -> float:
@@ -105,7 +122,7 @@ def tissue_mask(slide, settings: TilingSettings) -> tuple[np.ndarray, np.ndarray
 def prepare_slide(source: BagSource, settings: TilingSettings, out: Path) -> PreparedBag:
     """Open a slide, segment its tissue, plan its tiles -> a PreparedBag whose dataset reads the tiles."""
     path = Path(source.source)
-    with open_slide(path, mpp=settings.mpp) as slide:
+    with open_slide(path, mpp=settings.mpp, max_pixels=settings.max_image_pixels) as slide:
         mpp_source = "metadata" if slide.mpp_from_metadata else "--mpp" if slide.mpp else None
         mask = None
         if settings.tissue:
@@ -126,7 +143,7 @@ def prepare_slide(source: BagSource, settings: TilingSettings, out: Path) -> Pre
         where = f"; see masks/{source.bag_id}.png" if settings.tissue else ""
         attrs["empty_reason"] = (f"no tile with >= {settings.min_tissue:.0%} tissue{where} "
                                  "(lower --min-tissue or --tissue-threshold)")
-    dataset = TileDataset(path, tiling)
+    dataset = TileDataset(path, tiling, max_pixels=settings.max_image_pixels)
     return PreparedBag(source, dataset, tiling.coords, attrs, {"tissue_fraction": tiling.tissue})
 
 
@@ -157,6 +174,7 @@ def extract_slides(
     from .encoders import create_encoder
 
     shard = parse_shard(shard)
+    check_run_options(batch_size, num_workers, stale_minutes)  # before the encoder loads and `out` is made
     settings = settings or TilingSettings()
     out = Path(out)
     sources = [BagSource(p.stem, str(p)) for p in find_slides(slides, recursive)]
@@ -165,8 +183,8 @@ def extract_slides(
     # last barrier raced with gloo's in-flight messages (a rare SIGABRT in one rank).
     model = create_encoder(encoder, weights, seed=seed)
     # The fallback mpp only concerns slides without one, which have no features yet: adding it on a rerun
-    # (after "no mpp" failures) resumes the same extraction.
-    tiling = {k: v for k, v in asdict(settings).items() if k != "mpp"}
+    # (after "no mpp" failures) resumes the same extraction. The pixel limit only decides which images are read.
+    tiling = {k: v for k, v in asdict(settings).items() if k not in ("mpp", "max_image_pixels")}
     manifest = make_manifest("wsi", model, tiling, command, mpp_fallback=settings.mpp)
     return run_extraction(
         sources, out, model, lambda source: prepare_slide(source, settings, out), manifest=manifest, dist=dist,
