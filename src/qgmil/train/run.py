@@ -68,14 +68,14 @@ def _prepare_data(config: RunConfig, out: Path, ctx: Dist) -> tuple[Path, Path]:
 
 def _dataset(config: RunConfig, table: Path, features: Path) -> MILDataset:
     return MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
-                                 bag_unit=config.data.bag_unit, cache=config.data.cache)
+                                 bag_unit=config.data.bag_unit, cache=config.data.cache, limits=config.data.limits)
 
 
 def _check(config: RunConfig, table: Path, features: Path, ctx: Dist) -> None:
     problems = []
     if ctx.is_main and config.data.check:
         report = check_dataset(table, features, columns=config.data.columns, classes=config.data.classes,
-                               progress=config.runtime.progress)
+                               cache=config.data.cache, limits=config.data.limits, progress=config.runtime.progress)
         problems = report.problems
     problems = broadcast(problems, ctx)
     if problems:
