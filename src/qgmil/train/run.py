@@ -164,6 +164,7 @@ def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: lis
     table, features = _prepare_data(config, run.root, ctx)
     _check(config, table, features, ctx)
     data = _dataset(config, table, features)
+    data.lengths  # every file's header read and checked (data.limits) before anything is written, data.check or not
     if ctx.is_main:
         if config.eval.splits is not None and not run.splits.exists():
             shutil.copyfile(config.eval.splits, run.splits)
