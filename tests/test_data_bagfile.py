@@ -144,8 +144,11 @@ def test_bad_files_of_other_types(tmp_path):
     with pytest.raises(BagFileError, match="without a 'features'"):
         read_bag(tmp_path / "d.pt")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(BagFileError, match="not a readable .npy"):
+    with pytest.raises(BagFileError, match="obj.npy: features have dtype object"):  # refused from the header
         read_features(tmp_path / "obj.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(BagFileError, match="not a readable .npy"):
+        read_features(tmp_path / "junk.npy")
 
 
 class _Payload:

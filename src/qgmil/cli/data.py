@@ -21,15 +21,22 @@ def data():
 @click.option("--classes", help="Comma-separated class names in order; other labels are problems.")
 @click.option("--in-dim", type=int, help="The model's feature dimension; bags of another dim are problems.")
 @click.option("--no-scan", is_flag=True, help="Skip reading every value for NaN/Inf (headers only).")
+@click.option("--cache", type=click.Choice(["fp16", "fp32"]), help="Also check the values fit this data.cache.")
+@click.option("--limit", "limits", multiple=True, metavar="KEY=VALUE",
+              help="Raise a file-size limit (data.limits: instances, dim, gib, compression), e.g. instances=2000000.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @column_options
-def data_check(table, features, classes, in_dim, no_scan, as_json, **kw):
+def data_check(table, features, classes, in_dim, no_scan, cache, limits, as_json, **kw):
     """Check a dataset and print a summary; exit status 1 when a problem was found."""
-    from ..data import check_dataset
+    from ..data import BagLimits, check_dataset
 
+    pairs = [item.partition("=") for item in limits]
+    if any(not sep for _, sep, _ in pairs):
+        raise click.UsageError(f"--limit takes KEY=VALUE, got {limits}")
     report = check_dataset(
         table, features, columns=columns(kw), classes=classes.split(",") if classes else None,
-        in_dim=in_dim, scan_values=not no_scan,
+        in_dim=in_dim, scan_values=not no_scan, cache=cache,
+        limits=BagLimits(**{key.strip(): value for key, _, value in pairs}),
     )
     click.echo(json.dumps({"ok": report.ok, "problems": report.problems, **report.summary}, indent=1)
                if as_json else report.format())

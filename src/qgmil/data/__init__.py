@@ -1,7 +1,7 @@
 """Bag data: feature files, dataset tables, patient-level splits, padded or packed batching, built-in datasets."""
 
 from .bagfile import (
-    Bag, BagFileError, BagInfo, inspect_bag, read_attrs, read_bag, read_coords, read_extra, read_features,
+    Bag, BagFileError, BagInfo, BagLimits, inspect_bag, read_attrs, read_bag, read_coords, read_extra, read_features,
     write_bag,
 )
 from .builtin import BagDataset, dataset_info, digit_bags, list_datasets, prepare_dataset
@@ -14,7 +14,7 @@ from .table import Columns, DataError, read_table
 from .validate import DataReport, check_dataset
 
 __all__ = [
-    "Bag", "BagBatch", "BagDataset", "BagFileError", "BagInfo", "BagItem", "BucketBatchSampler", "Columns",
+    "Bag", "BagBatch", "BagDataset", "BagFileError", "BagInfo", "BagLimits", "BagItem", "BucketBatchSampler", "Columns",
     "DataError", "DataReport", "Fold", "MILDataset", "PackedBatch", "Splits", "check_dataset", "collate_bags",
     "collate_packed", "dataset_info", "pack_bags",
     "digit_bags", "list_datasets", "prepare_dataset",

@@ -8,6 +8,10 @@ Layouts read (all give `features` (N, D); coordinates and provenance travel alon
   pt       .pt  a (N, D) tensor (CLAM pt_files), or a dict of tensors; loaded with weights_only=True
   npy      .npy a (N, D) array, loaded without pickle
 Every other dataset in the file (e.g. `instance_labels`, cell names) is kept in `Bag.extras`.
+
+Every reader first checks what the file declares against `BagLimits` (instances, dim, bytes, and declared
+versus stored bytes), its dtype (real numbers only) and its coordinates' shape, so that a corrupt or
+hostile header is refused by name instead of allocating terabytes or reading fill values.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth", ".npy")
 QGMIL_FORMAT = "qgmil-bag"
@@ -26,6 +31,82 @@ QGMIL_FORMAT_VERSION = 1
 
 class BagFileError(ValueError):
     """A feature file that cannot be read as a bag. The message names the file and the problem."""
+
+
+class BagLimits(BaseModel):
+    """What one feature file may declare, checked from its header before anything is read (config key
+    `data.limits`; `qgmil data check --limit KEY=VALUE`). The defaults are generous for real WSIs: a bag of
+    1M tiles x 1024 float32 is 4 GiB."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    instances: int = Field(1_000_000, ge=1, description="instances (rows) per bag")
+    dim: int = Field(16384, ge=1, description="feature dimension")
+    gib: float = Field(8.0, gt=0, description="GiB of all datasets of one file together, as declared")
+    compression: float = Field(1000.0, gt=1, description="declared / stored bytes of a dataset above 1 MiB")
+
+
+DEFAULT_LIMITS = BagLimits()
+# Below this a dataset is too small to matter, however little of it is stored (tiny chunked datasets).
+_RATIO_FLOOR = 2**20
+
+
+def _over(path: Path, what: str, key: str, limits: BagLimits) -> BagFileError:
+    return BagFileError(
+        f"{path}: {what}, over the limit data.limits.{key} = {getattr(limits, key):,} (raise it with "
+        f"--set data.limits.{key}=... or `qgmil data check --limit {key}=...` if the file is genuine)"
+    )
+
+
+def _check_dtype(dtype, path: Path, what: str = "features") -> None:
+    """Features and coordinates must be real numbers: complex would lose its imaginary part, bool and text
+    are not features."""
+    kind = getattr(dtype, "kind", None)
+    if kind not in ("f", "i", "u"):
+        raise BagFileError(f"{path}: {what} have dtype {dtype}, not real numbers (float or integer)")
+
+
+def _check_size(path: Path, n: int, d: int, nbytes: int, limits: BagLimits, what: str = "the file") -> None:
+    if n > limits.instances:
+        raise _over(path, f"features declare {n:,} instances", "instances", limits)
+    if d > limits.dim:
+        raise _over(path, f"features declare dim {d:,}", "dim", limits)
+    if nbytes > limits.gib * 2**30:
+        raise _over(path, f"{what} declares {nbytes / 2**30:,.1f} GiB", "gib", limits)
+
+
+def _check_coords(shape: tuple, n: int, path: Path) -> None:
+    shape = tuple(shape[1:]) if len(shape) == 3 and shape[0] == 1 else tuple(shape)
+    if shape != (n, 2):
+        raise BagFileError(f"{path}: coords have shape {shape}, expected ({n}, 2): one (x, y) per instance")
+
+
+def _guard_h5(f: h5py.File, path: Path, key: str, limits: BagLimits | None) -> tuple[int, int]:
+    """Refuse a file whose header declares too much, or far more than it stores (fill values, or a compression
+    bomb), before any data is read; -> (instances, dim)."""
+    limits = limits or DEFAULT_LIMITS
+    ds = f[key]
+    n, d = _check_shape(ds.shape, path)
+    _check_dtype(ds.dtype, path, f"features {key!r}")
+    datasets = {name: obj for name, obj in f.items() if isinstance(obj, h5py.Dataset)}
+    declared = {name: int(obj.size) * obj.dtype.itemsize for name, obj in datasets.items()}
+    largest = max(declared, key=declared.get)
+    _check_size(path, n, d, sum(declared.values()), limits,
+                f"the file (largest: dataset {largest!r} of shape {datasets[largest].shape})")
+    for name, obj in datasets.items():
+        stored = obj.id.get_storage_size()
+        if declared[name] > _RATIO_FLOOR and declared[name] > limits.compression * stored:
+            raise BagFileError(
+                f"{path}: dataset {name!r} of shape {obj.shape} declares {declared[name] / 2**20:,.0f} MiB but stores "
+                f"{stored / 2**20:,.3f} MiB (unwritten fill values or a compression bomb; more than "
+                f"data.limits.compression = {limits.compression:g}x); refused without reading it"
+            )
+    if "coords" in f:
+        coords = f["coords"]
+        if not isinstance(coords, h5py.Dataset):
+            raise BagFileError(f"{path}: 'coords' is not a dataset")
+        _check_dtype(coords.dtype, path, "coords")
+        _check_coords(coords.shape, n, path)
+    return n, d
 
 
 @dataclass
@@ -125,21 +206,44 @@ def _open_h5(path: Path) -> h5py.File:
         raise BagFileError(f"{path}: not a readable HDF5 file ({err})") from None
 
 
-def _load_pt(path: Path) -> dict[str, Any]:
+def _load_pt(path: Path, limits: BagLimits | None = None) -> dict[str, Any]:
+    import zipfile
+
     import torch
 
+    limits = limits or DEFAULT_LIMITS
+    if zipfile.is_zipfile(path):  # torch's format is a zip: its entries' sizes are known before inflating any
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(i.file_size for i in z.infolist())
+        if unpacked > limits.gib * 2**30:
+            raise _over(path, f"the file unpacks to {unpacked / 2**30:,.1f} GiB", "gib", limits)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise BagFileError(f"{path}: not a readable tensor file ({type(err).__name__}: {err})") from None
     if isinstance(obj, torch.Tensor):
-        return {"features": obj}
-    if isinstance(obj, dict):
+        data = {"features": obj}
+    elif isinstance(obj, dict):
         key = next((k for k in ("features", "feats") if k in obj), None)
         if key is None:
             raise BagFileError(f"{path}: dict without a 'features' or 'feats' tensor (keys: {sorted(map(str, obj))})")
-        return {("features" if k == key else k): v for k, v in obj.items()}
-    raise BagFileError(f"{path}: expected a tensor or a dict of tensors, got {type(obj).__name__}")
+        data = {("features" if k == key else k): v for k, v in obj.items()}
+    else:
+        raise BagFileError(f"{path}: expected a tensor or a dict of tensors, got {type(obj).__name__}")
+    features = data["features"]
+    if not isinstance(features, torch.Tensor):
+        raise BagFileError(f"{path}: 'features' is a {type(features).__name__}, not a tensor")
+    ints = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    if not (features.dtype.is_floating_point or features.dtype in ints):  # complex and bool are not features
+        raise BagFileError(f"{path}: features have dtype {features.dtype}, not real numbers (float or integer)")
+    n, d = _check_shape(tuple(features.shape), path)
+    _check_size(path, n, d, features.numel() * features.element_size(), limits)
+    coords = data.get("coords")
+    if coords is not None:
+        if not isinstance(coords, torch.Tensor) or coords.dtype.is_complex or coords.dtype == torch.bool:
+            raise BagFileError(f"{path}: 'coords' must be a tensor of numbers, got {getattr(coords, 'dtype', type(coords).__name__)}")
+        _check_coords(tuple(coords.shape), n, path)
+    return data
 
 
 def _to_numpy(value):
@@ -151,11 +255,32 @@ def _to_numpy(value):
     return value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
 
 
-def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+def _load_npy(path: Path, mmap: bool = False, limits: BagLimits | None = None) -> np.ndarray:
+    """The array, its header checked first (dtype, shape against the limits, and against the file's size), so
+    that a header declaring more than the limits, or than the file holds, is refused before anything is mapped
+    or allocated."""
+    fmt = np.lib.format
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(fh)
+            offset = fh.tell()
     except (OSError, ValueError) as err:
         raise BagFileError(f"{path}: not a readable .npy array ({err})") from None
+    _check_dtype(dtype, path)
+    n, d = _check_shape(shape, path)
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    _check_size(path, n, d, nbytes, limits or DEFAULT_LIMITS)
+    if offset + nbytes > path.stat().st_size:
+        raise BagFileError(f"{path}: truncated .npy: the header declares shape {shape} ({nbytes:,} bytes of data), "
+                           f"the file holds {path.stat().st_size - offset:,}")
+    if nbytes == 0:  # an empty array cannot be memory-mapped
+        return np.empty(shape, dtype)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise BagFileError(f"{path}: not a readable .npy array ({err})") from None
+    return array if mmap else np.array(array)
 
 
 def _check_file(path: Path) -> Path:
@@ -167,33 +292,34 @@ def _check_file(path: Path) -> Path:
     return path
 
 
-def inspect_bag(path: str | Path) -> BagInfo:
-    """Layout and shape of a feature file without reading its features (h5: header; npy: mmap)."""
+def inspect_bag(path: str | Path, *, limits: BagLimits | None = None) -> BagInfo:
+    """Layout and shape of a feature file without reading its features (h5: header; npy: mmap), its
+    declared sizes, dtype and coordinates checked (BagFileError naming the file)."""
     path = _check_file(path)
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         with _open_h5(path) as f:
             layout, key = _h5_layout(f, path)
-            n, d = _check_shape(f[key].shape, path)
+            n, d = _guard_h5(f, path, key, limits)
             return BagInfo(path, layout, n, d, str(f[key].dtype), "coords" in f)
     if suffix == ".npy":
-        array = _load_npy(path, mmap=True)
+        array = _load_npy(path, mmap=True, limits=limits)
         n, d = _check_shape(array.shape, path)
         return BagInfo(path, "npy", n, d, str(array.dtype), False)
-    data = _load_pt(path)
+    data = _load_pt(path, limits)
     n, d = _check_shape(tuple(data["features"].shape), path)
     return BagInfo(path, "pt", n, d, str(data["features"].dtype).removeprefix("torch."), "coords" in data)
 
 
-def read_features(path: str | Path, rows: np.ndarray | None = None) -> np.ndarray:
+def read_features(path: str | Path, rows: np.ndarray | None = None, *, limits: BagLimits | None = None) -> np.ndarray:
     """Only the (N, D) features (or the given sorted `rows` of them): the fast path the loader uses."""
     path = _check_file(path)
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         with _open_h5(path) as f:
             _, key = _h5_layout(f, path)
+            _guard_h5(f, path, key, limits)
             ds = f[key]
-            _check_shape(ds.shape, path)
             if ds.ndim == 3:
                 return ds[0] if rows is None else ds[0][rows]
             if rows is None:
@@ -201,23 +327,22 @@ def read_features(path: str | Path, rows: np.ndarray | None = None) -> np.ndarra
             # h5py point selection is slow for many scattered rows; one contiguous read is faster.
             return ds[()][rows] if len(rows) > ds.shape[0] // 8 else ds[rows]
     if suffix == ".npy":
-        array = _as_2d(_load_npy(path, mmap=rows is not None))
-        _check_shape(array.shape, path)
+        array = _as_2d(_load_npy(path, mmap=True, limits=limits))
         return np.ascontiguousarray(array if rows is None else array[rows])
-    features = _load_pt(path)["features"]
-    _check_shape(tuple(features.shape), path)
+    features = _load_pt(path, limits)["features"]
     array = _as_2d(_to_numpy(features))
     return array if rows is None else array[rows]
 
 
-def read_coords(path: str | Path) -> tuple[np.ndarray | None, str | None]:
+def read_coords(path: str | Path, *, limits: BagLimits | None = None) -> tuple[np.ndarray | None, str | None]:
     """Only the (N, 2) coordinates and their unit ("px" level-0 pixels or "um"), or (None, None)."""
     path = _check_file(path)
     if path.suffix.lower() not in (".h5", ".hdf5"):
-        bag = read_bag(path)
+        bag = read_bag(path, limits=limits)
         return bag.coords, bag.coord_unit
     with _open_h5(path) as f:
-        layout, _ = _h5_layout(f, path)
+        layout, key = _h5_layout(f, path)
+        _guard_h5(f, path, key, limits)
         if "coords" not in f:
             return None, None
         unit = _plain(f.attrs.get("coord_unit") or f.attrs.get("unit")) or ("um" if layout == "stamp" else "px")
@@ -233,7 +358,7 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
         return _attrs(f, _h5_layout(f, path)[1])
 
 
-def read_extra(path: str | Path, name: str):
+def read_extra(path: str | Path, name: str, *, limits: BagLimits | None = None):
     """Only the extra dataset `name` of a feature file (as in `Bag.extras`: e.g. `instance_labels`,
     `instance_names`), or None when the file has none. h5 files read that one dataset; .npy files hold no
     extras; .pt files are loaded whole."""
@@ -242,23 +367,25 @@ def read_extra(path: str | Path, name: str):
     if suffix in (".h5", ".hdf5"):
         with _open_h5(path) as f:
             _, key = _h5_layout(f, path)
+            _guard_h5(f, path, key, limits)
             obj = f.get(name)
             if name in (key, "coords") or not isinstance(obj, h5py.Dataset):
                 return None
             return _read_dataset(obj)
     if suffix == ".npy":
+        _load_npy(path, mmap=True, limits=limits)  # no extras, but a bad file is refused as by every reader
         return None
-    return read_bag(path).extras.get(name)
+    return read_bag(path, limits=limits).extras.get(name)
 
 
-def read_bag(path: str | Path) -> Bag:
+def read_bag(path: str | Path, *, limits: BagLimits | None = None) -> Bag:
     """Everything the file holds: features, coords (+ unit), provenance attrs and extra datasets."""
     path = _check_file(path)
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         with _open_h5(path) as f:
             layout, key = _h5_layout(f, path)
-            _check_shape(f[key].shape, path)
+            _guard_h5(f, path, key, limits)
             attrs = _attrs(f, key)
             features = _as_2d(f[key][()])
             coords = _as_2d(f["coords"][()]) if "coords" in f else None
@@ -270,11 +397,9 @@ def read_bag(path: str | Path) -> Bag:
         unit = attrs.get("coord_unit") or attrs.get("unit") or ("um" if layout == "stamp" else "px")
         return Bag(features, path, layout, coords, unit if coords is not None else None, attrs, extras)
     if suffix == ".npy":
-        features = _as_2d(_load_npy(path))
-        _check_shape(features.shape, path)
+        features = _as_2d(_load_npy(path, limits=limits))
         return Bag(features, path, "npy")
-    data = _load_pt(path)
-    _check_shape(tuple(data["features"].shape), path)
+    data = _load_pt(path, limits)
     arrays = {k: _to_numpy(v) for k, v in data.items()}
     coords = arrays.pop("coords", None)
     unit = arrays.pop("coord_unit", "px" if coords is not None else None)
@@ -302,7 +427,7 @@ def write_bag(
     path = Path(path)
     features = np.asarray(features)
     _check_shape(features.shape, path)
-    if coords is not None and (coords.ndim != 2 or coords.shape[0] != features.shape[0]):
+    if coords is not None and np.shape(coords) != (features.shape[0], 2):
         raise BagFileError(f"{path}: coords shape {coords.shape} does not match {features.shape[0]} instances")
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:

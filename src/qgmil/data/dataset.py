@@ -16,11 +16,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .bagfile import Bag, inspect_bag, read_bag, read_coords, read_features
-from .table import Columns, DataError, check_labels, infer_classes, read_table, resolve_files
+from .bagfile import Bag, BagFileError, BagLimits, inspect_bag, read_bag, read_coords, read_features
+from .table import Columns, DataError, check_labels, infer_classes, normalize_label, read_table, resolve_files
 
 BagUnit = Literal["slide", "patient"]
 CacheMode = Literal["fp16", "fp32"]
+FP16_MAX = 65504.0  # the largest finite float16
 
 
 @dataclass
@@ -63,6 +64,8 @@ class MILDataset(Dataset):
     """Bags of a table. Build with `MILDataset.from_table(table, features_dir, ...)`.
 
     Item i -> BagItem(features (N_i, D) float32, label, index=i, bag_id, coords (N_i, 2) if asked).
+    Reading a bag whose dim differs from the first bag's, or (with `check_values`) that holds NaN/Inf, raises
+    BagFileError naming the bag and its file; `limits` bound what a file may declare (`BagLimits`).
     Attributes: classes, bag_ids, patient_ids, labels (int array, -1 = unlabelled), lengths (N_i),
     in_dim, table (the normalised table with a `file` column).
     """
@@ -77,6 +80,8 @@ class MILDataset(Dataset):
         cache: CacheMode | None = None,
         with_coords: bool = False,
         seed: int = 0,
+        limits: BagLimits | None = None,
+        check_values: bool = False,
         _shared_cache: dict | None = None,
         _lengths: dict | None = None,
     ):
@@ -91,6 +96,9 @@ class MILDataset(Dataset):
         self.cache_mode = cache
         self.with_coords = with_coords
         self.seed = seed
+        self.limits = limits
+        self.check_values = check_values  # refuse NaN/Inf features as each bag is read (predict: never checked before)
+        self._dim: int | None = None
         self.epoch = 0
         self.units = _units(table, bag_unit)
         self._class_index = {c: i for i, c in enumerate(self.classes)}
@@ -119,7 +127,8 @@ class MILDataset(Dataset):
         table = table.copy()
         files, problems = resolve_files(table, features_dir)
         table["file"] = files
-        classes = list(classes) if classes is not None else infer_classes(table["label"])
+        # Given classes are spelled as the table's labels are ("1.0" -> "1").
+        classes = [normalize_label(c) for c in classes] if classes is not None else infer_classes(table["label"])
         problems += check_labels(table, classes)
         if problems:
             raise DataError(problems, f"{table.attrs.get('source', 'table')}: cannot build the dataset")
@@ -144,7 +153,7 @@ class MILDataset(Dataset):
 
     def _file_length(self, file: Path) -> int:
         if file not in self._file_lengths:
-            self._file_lengths[file] = inspect_bag(file).num_instances
+            self._file_lengths[file] = inspect_bag(file, limits=self.limits).num_instances
         return self._file_lengths[file]
 
     def lengths_of(self, index: int) -> int:
@@ -159,7 +168,9 @@ class MILDataset(Dataset):
 
     @property
     def in_dim(self) -> int:
-        return inspect_bag(self.units[0].files[0]).dim
+        if self._dim is None:
+            self._dim = inspect_bag(self.units[0].files[0], limits=self.limits).dim
+        return self._dim
 
     def subset(self, bag_ids: Iterable[str], **overrides) -> "MILDataset":
         """The rows whose bag id is in `bag_ids` (slide ids), e.g. one part of a split.
@@ -172,7 +183,7 @@ class MILDataset(Dataset):
             raise DataError([f"bag id {b!r} is not in the table" for b in sorted(unknown)], "subset")
         options = dict(
             bag_unit=self.bag_unit, max_instances=self.max_instances, cache=self.cache_mode,
-            with_coords=self.with_coords, seed=self.seed,
+            with_coords=self.with_coords, seed=self.seed, limits=self.limits, check_values=self.check_values,
         )
         options.update(overrides)
         table = self.table[self.table["bag_id"].isin(wanted)]
@@ -185,13 +196,34 @@ class MILDataset(Dataset):
 
     # --- reading ----------------------------------------------------------------------------------
 
+    def _where(self, file: Path) -> str:
+        bags = [b for b, f in zip(self.table["bag_id"], self.table["file"]) if f == file]
+        return f"{file} (bag {bags[0]!r})" if bags else str(file)
+
+    def _read(self, file: Path, rows: np.ndarray | None) -> np.ndarray:
+        """A file's features, refused by name when they would break a batch far from here (another dim)
+        or a prediction silently (NaN/Inf, with check_values)."""
+        features = read_features(file, rows, limits=self.limits)
+        if features.shape[1] != self.in_dim:
+            raise BagFileError(f"{self._where(file)}: feature dim {features.shape[1]}, but the first bag has "
+                               f"{self.in_dim} (see `qgmil data check`)")
+        if self.check_values and not np.isfinite(features).all():
+            bad = int((~np.isfinite(features).all(axis=1)).sum())
+            raise BagFileError(f"{self._where(file)}: {bad} instance(s) have NaN/Inf features")
+        return features
+
     def _load(self, file: Path, rows: np.ndarray | None) -> torch.Tensor:
         if self.cache_mode is None:
-            return torch.from_numpy(np.ascontiguousarray(read_features(file, rows)))
+            return torch.from_numpy(np.ascontiguousarray(self._read(file, rows)))
         cached = self._cache.get(file)
         if cached is None:
+            features = self._read(file, None)
+            peak = 0.0 if self.cache_mode != "fp16" else float(np.max(np.abs(features), where=np.isfinite(features), initial=0.0))
+            if peak > FP16_MAX:  # caught here, not as inf losses epochs later
+                raise BagFileError(f"{self._where(file)}: features reach {peak:g}, beyond float16's {FP16_MAX:g}: "
+                                   "data.cache=fp16 would make them inf (use data.cache=fp32 or none)")
             dtype = torch.float16 if self.cache_mode == "fp16" else torch.float32
-            cached = torch.from_numpy(read_features(file)).to(dtype)
+            cached = torch.from_numpy(features).to(dtype)
             self._cache[file] = cached
         if rows is not None:
             return cached[torch.from_numpy(rows)]

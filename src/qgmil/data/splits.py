@@ -215,6 +215,15 @@ def splits_from_table(table: pd.DataFrame, seeds: Sequence[int] = (0,), val_frac
         splits = Splits(result, "table-fold", {"seeds": [int(s) for s in seeds], "val_fraction": val_fraction})
     else:
         return None
+    source = table.attrs.get("source", "table")
+    for fold in splits.folds:  # a fold that cannot train or cannot report is no fold
+        for part in ("train", "test"):
+            if not getattr(fold, part):
+                raise DataError(
+                    [f"{source}: the table's {column} column leaves fold {fold.name} with no {part} bags "
+                     f"(values: {', '.join(sorted(map(str, table[column].dropna().unique())))})"],
+                    f"{source}: cannot use the table's {column} column (give it {part} rows, or drop the column for "
+                    "k-fold; `qgmil data split --ignore-table-split`)")
     problems = splits.check(table)
     if problems:
         raise DataError(problems, f"{table.attrs.get('source', 'table')}: the table's split mixes patients")

@@ -8,6 +8,7 @@ column (defaults to the bag id), a split or fold column, and a path column namin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -40,6 +41,25 @@ class Columns(BaseModel):
 
 # Normalised column names used everywhere after `read_table`.
 STANDARD = ("bag_id", "label", "patient_id", "split", "fold", "path")
+# Cells that mean "no label" in the tables people write (pandas' own NA spellings, case-insensitive).
+MISSING_LABELS = {"", "na", "n/a", "nan", "null", "none", "<na>", "#n/a", "-"}
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def normalize_label(value) -> str | None:
+    """One spelling per label: None for a missing one ("", NA, nan, ...), numbers as numbers ("1", "1.0" and
+    "1.00" are all "1"; "0.50" is "0.5"), anything else stripped of surrounding spaces."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    text = str(value).strip()
+    if text.lower() in MISSING_LABELS:
+        return None
+    if _NUMBER.fullmatch(text):
+        number = float(text)
+        return str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
+    return text
+
+
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -104,6 +124,8 @@ def read_table_with_problems(
         table["patient_id"] = _objects([p if p else b for p, b in zip(table["patient_id"], table["bag_id"])])
     if "label" not in table:
         table["label"] = _objects([None] * len(table))
+    raw_labels = list(table["label"])
+    table["label"] = _objects([normalize_label(v) for v in raw_labels])
 
     problems = []
     for row, bag_id in zip(table["row"], table["bag_id"]):
@@ -113,9 +135,9 @@ def read_table_with_problems(
     for bag_id, rows in dup.groupby("bag_id")["row"]:
         problems.append(f"{path} rows {', '.join(map(str, rows))}: duplicate bag id {bag_id!r}")
     if require_labels:
-        for row, label in zip(table["row"], table["label"]):
-            if label is None or label == "":
-                problems.append(f"{path} row {row}: missing label")
+        for row, label, raw in zip(table["row"], table["label"], raw_labels):
+            if label is None:
+                problems.append(f"{path} row {row}: missing label" + (f" ({raw!r})" if raw else ""))
     if "split" in table:
         for row, split in zip(table["row"], table["split"]):
             if split is not None and split.lower() not in SPLIT_NAMES:
@@ -126,6 +148,11 @@ def read_table_with_problems(
             if fold is not None and not fold.lstrip("-").isdigit():
                 problems.append(f"{path} row {row}: fold {fold!r} is not an integer")
     labelled = table[table["label"].notna()]
+    for spellings in _case_variants(labelled["label"]):
+        where = "; ".join(f"{label!r} (rows {', '.join(map(str, labelled.loc[labelled['label'] == label, 'row']))})"
+                          for label in spellings)
+        problems.append(f"{path}: labels that differ only in case would be separate classes: {where}; "
+                        "write each class one way")
     for patient, labels in labelled.groupby("patient_id")["label"]:
         if labels.nunique() > 1:
             rows = table.loc[labels.index, "row"]
@@ -135,6 +162,14 @@ def read_table_with_problems(
             )
     table.attrs["source"] = str(path)
     return table, problems
+
+
+def _case_variants(labels) -> list[list[str]]:
+    """Groups of labels that differ only in case ("Positive", "positive"), each sorted."""
+    groups: dict[str, set[str]] = {}
+    for label in labels:
+        groups.setdefault(label.casefold(), set()).add(label)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
 
 
 def infer_classes(labels) -> list[str]:
@@ -148,7 +183,7 @@ def infer_classes(labels) -> list[str]:
 
 def check_labels(table: pd.DataFrame, classes: list[str]) -> list[str]:
     """Problems for labels outside `classes` (e.g. a typo, or a class the model was not trained on)."""
-    known = set(classes)
+    known = {normalize_label(c) for c in classes}
     source = table.attrs.get("source", "table")
     return [
         f"{source} row {row}: unknown label {label!r} (classes: {', '.join(classes)})"

@@ -10,10 +10,11 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .bagfile import BagFileError, inspect_bag, read_features
-from .table import Columns, DataError, check_labels, infer_classes, read_table_with_problems, resolve_files
+from .bagfile import BagFileError, BagLimits, inspect_bag, read_features
+from .table import Columns, DataError, check_labels, infer_classes, normalize_label, read_table_with_problems, resolve_files
 
 SCAN_ROWS = 65536  # rows per read when scanning a large HDF5 bag for NaN/Inf (bounds memory)
+FP16_MAX = 65504.0  # the largest finite float16: larger values become inf in a data.cache=fp16 cache
 
 
 @dataclass
@@ -48,21 +49,30 @@ class DataReport:
         return "\n".join(lines)
 
 
-def _non_finite(path: Path, n: int) -> tuple[int, int]:
-    """(count of instances with NaN/Inf, first such instance), reading big HDF5 bags in blocks."""
-    bad, first = 0, -1
+def _scan(path: Path, n: int, limits: BagLimits | None) -> tuple[int, int, float]:
+    """(count of instances with NaN/Inf, first such instance, largest finite |value|), reading big HDF5 bags
+    in blocks. Only called after `inspect_bag` accepted the file's header."""
+    bad, first, peak = 0, -1, 0.0
+
+    def block(values: np.ndarray, start: int) -> None:
+        nonlocal bad, first, peak
+        finite = np.isfinite(values)
+        rows = ~finite.all(axis=1)
+        if rows.any() and first < 0:
+            first = start + int(np.argmax(rows))
+        bad += int(rows.sum())
+        if finite.any():
+            peak = max(peak, float(np.abs(values[finite]).max()))
+
     if path.suffix.lower() in (".h5", ".hdf5"):
         with h5py.File(path, "r") as f:
             ds = f["features"] if "features" in f else f["feats"]
             data = ds[0] if ds.ndim == 3 else ds
             for start in range(0, n, SCAN_ROWS):
-                rows = ~np.isfinite(data[start : start + SCAN_ROWS]).all(axis=1)
-                if rows.any() and first < 0:
-                    first = start + int(np.argmax(rows))
-                bad += int(rows.sum())
-        return bad, first
-    rows = ~np.isfinite(read_features(path)).all(axis=1)
-    return int(rows.sum()), int(np.argmax(rows)) if rows.any() else -1
+                block(data[start : start + SCAN_ROWS], start)
+    else:
+        block(read_features(path, limits=limits), 0)
+    return bad, first, peak
 
 
 def check_dataset(
@@ -74,6 +84,8 @@ def check_dataset(
     in_dim: int | None = None,
     require_labels: bool = True,
     scan_values: bool = True,
+    cache: str | None = None,
+    limits: BagLimits | None = None,
     progress: bool = True,
 ) -> DataReport:
     """Check a table and its feature files; never raises for bad data, returns a report instead.
@@ -81,9 +93,12 @@ def check_dataset(
     Problems found: unreadable table or missing columns, duplicate/empty bag ids, missing or unknown
     labels (unknown = not in `classes` when given), a patient whose slides carry different labels,
     missing or unreadable feature files, empty bags, NaN/Inf features (when `scan_values`), and a
-    feature dimension that differs between bags or from `in_dim` (the model's).
+    feature dimension that differs between bags or from `in_dim` (the model's), values a `cache="fp16"`
+    would turn into inf, a file that declares more than `limits` (or has a bad dtype or coords), and, when
+    labels are required, a table with no bags or fewer than two classes.
     """
     report = DataReport(summary={"table": str(table), "features": str(features_dir)})
+    classes = None if classes is None else [normalize_label(c) for c in classes]
     try:
         frame, problems = read_table_with_problems(table, columns, require_labels)
     except DataError as err:
@@ -103,14 +118,17 @@ def check_dataset(
             continue
         where = f"{file} (row {row}, bag {bag_id!r})"
         try:
-            info = inspect_bag(file)
+            info = inspect_bag(file, limits=limits)
             if info.num_instances == 0:
                 report.problems.append(f"{where}: empty bag (0 instances)")
                 continue
             if scan_values:
-                bad, first = _non_finite(file, info.num_instances)
+                bad, first, peak = _scan(file, info.num_instances, limits)
                 if bad:
                     report.problems.append(f"{where}: {bad} instance(s) have NaN/Inf features (first: instance {first})")
+                if cache == "fp16" and peak > FP16_MAX:
+                    report.problems.append(f"{where}: features reach {peak:g}, beyond float16's {FP16_MAX:g}: "
+                                           "data.cache=fp16 would make them inf (use data.cache=fp32 or none)")
         except BagFileError as err:
             report.problems.append(f"{err} (row {row}, bag {bag_id!r})")
             continue
@@ -131,6 +149,11 @@ def check_dataset(
 
     lengths = np.array([info.num_instances for info in infos.values()])
     labels = [label for label in frame["label"] if label is not None]
+    if require_labels:  # nothing to learn from: say so instead of "OK"
+        if not len(frame):
+            report.problems.append(f"{table}: no bags (the table has a header but no rows)")
+        elif len(set(labels)) == 1:
+            report.problems.append(f"{table}: every labelled bag has class {labels[0]!r}: training needs at least two classes")
     report.summary.update(
         bags=len(frame),
         patients=int(frame["patient_id"].nunique()),

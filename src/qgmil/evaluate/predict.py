@@ -8,7 +8,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_model, read_metadata
-from ..data import DataError, MILDataset, read_attrs, read_table
+from ..data import BagLimits, DataError, MILDataset, read_attrs, read_table
 from ..data.bagfile import FEATURE_SUFFIXES, inspect_bag
 from ..data.table import Columns
 from ..rundir import RunDir, write_attention
@@ -51,7 +51,10 @@ def _check_compatible(dataset: MILDataset, meta: dict, source: Path) -> None:
     problems = []
     for unit in dataset.units:
         for file in unit.files:
-            info = inspect_bag(file)
+            info = inspect_bag(file, limits=dataset.limits)
+            if info.num_instances == 0:
+                problems.append(f"{file}: empty bag (0 instances): nothing to predict from")
+                continue
             if info.dim != in_dim:
                 problems.append(f"{file}: feature dim {info.dim}, but {source} was trained on dim {in_dim}")
                 continue
@@ -72,6 +75,7 @@ def predict_bags(
     columns: Columns | None = None,
     batch_size: int = 1,
     device: str = "cpu",
+    limits: BagLimits | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Average the probabilities (and attention) of the source's models over the bags of `data`.
@@ -79,7 +83,8 @@ def predict_bags(
     Writes OUT/predictions.csv (bag_id, patient_id, label if known, pred, prob_<class>),
     OUT/attention.h5 (one dataset per bag: the mean pooling attention over its real instances; for
     multi-branch models also the group `branch_attention`: per bag the mean (K, N) branch attentions,
-    attrs["names"]) and, when every bag has a known label, OUT/metrics.json.
+    attrs["names"]) and, when every bag has a known label, OUT/metrics.json. Nothing is written when a bag
+    is refused (empty, another dim or encoder, NaN/Inf features, over `limits`): the error names it.
     """
     checkpoints = find_checkpoints(source)
     metas = [read_metadata(p) for p in checkpoints]
@@ -91,7 +96,9 @@ def predict_bags(
             raise DataError([f"{path}: classes or feature dim differ from {checkpoints[0]}"])
     table, features_dir = _table_for(Path(data), Path(features) if features else None, columns)
     bag_unit = metas[0]["extra"].get("bag_unit", "slide")
-    dataset = MILDataset.from_table(table, features_dir, classes=classes, bag_unit=bag_unit, require_labels=False)
+    # check_values: a NaN bag would otherwise get a prediction (the first class) with NaN probabilities.
+    dataset = MILDataset.from_table(table, features_dir, classes=classes, bag_unit=bag_unit, require_labels=False,
+                                    limits=limits, check_values=True)
     _check_compatible(dataset, metas[0], Path(source))
 
     # The mean over the fold models of each bag's probabilities, attention and branch attention.
@@ -121,10 +128,11 @@ def predict_bags(
     frame["pred"] = [classes[i] for i in probs.argmax(1)]
     for i, c in enumerate(classes):
         frame[f"prob_{c}"] = probs[:, i]
+    # Metrics first: whatever fails there must not leave predictions without them.
+    metrics = classification_metrics(y, probs) if len(y) and (y >= 0).all() else None
     write_csv(out / "predictions.csv", frame)
     write_attention(out / "attention.h5", dataset.bag_ids, attention, branches=branches,
                     branch_names=total.branch_names, attrs={"models": [str(p) for p in checkpoints]})
-    if len(y) and (y >= 0).all():
-        metrics = classification_metrics(y, probs)
+    if metrics is not None:
         write_json(out / "metrics.json", {"models": [str(p) for p in checkpoints], "n": len(y), **metrics})
     return frame

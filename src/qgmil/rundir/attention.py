@@ -6,6 +6,8 @@
                       the branch names (class names where branch k is class k's)
 
 A bag named `branch_attention` would collide with the group: then no branch attention is written.
+Bag ids are stored percent-escaped ("/" -> "%2F", "%" -> "%25"; attrs["name_encoding"] = "percent"), since a
+"/" in an HDF5 name makes nested groups; files written before that are read as they are, nested groups included.
 Written atomically (temporary file, then rename), so a file that exists is complete.
 """
 
@@ -20,6 +22,29 @@ import numpy as np
 from ..atomic import atomic_write
 
 BRANCH_GROUP = "branch_attention"
+NAME_ENCODING = "percent"
+
+
+def _escape(bag_id: str) -> str:
+    name = str(bag_id).replace("%", "%25").replace("/", "%2F")
+    return "%2E" if name == "." else name  # "." is the group itself in HDF5
+
+
+def _unescape(name: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(name)
+
+
+def _datasets(group, prefix: str = "", skip: str | None = None):
+    """(path, dataset) of every dataset under `group`, nested groups walked (but not `skip`)."""
+    import h5py
+
+    for name, item in group.items():
+        if isinstance(item, h5py.Dataset):
+            yield prefix + name, item
+        elif isinstance(item, h5py.Group) and prefix + name != skip:
+            yield from _datasets(item, prefix + name + "/")
 
 
 def write_attention(path: str | Path, bag_ids: Sequence[str], attention: Sequence[np.ndarray], *,
@@ -34,13 +59,14 @@ def write_attention(path: str | Path, bag_ids: Sequence[str], attention: Sequenc
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(attrs or {})
+            f.attrs["name_encoding"] = NAME_ENCODING
             for bag_id, a in zip(bag_ids, attention):
-                f.create_dataset(bag_id, data=np.asarray(a, dtype=np.float32))
+                f.create_dataset(_escape(bag_id), data=np.asarray(a, dtype=np.float32))
             if branches is not None and BRANCH_GROUP not in bag_ids:
                 group = f.create_group(BRANCH_GROUP)
                 group.attrs["names"] = [str(n) for n in branch_names]
                 for bag_id, b in zip(bag_ids, branches):
-                    group.create_dataset(bag_id, data=np.asarray(b, dtype=np.float32))
+                    group.create_dataset(_escape(bag_id), data=np.asarray(b, dtype=np.float32))
 
     return atomic_write(path, write)
 
@@ -69,13 +95,16 @@ def read_attention(path: str | Path, *, bags: Iterable[str] | None = None, branc
     wanted = None if bags is None else set(bags)
     with h5py.File(path, "r") as f:
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-        pooled = {name: item[()] for name, item in f.items()
-                  if isinstance(item, h5py.Dataset) and (wanted is None or name in wanted)}
+        decode = _unescape if attrs.pop("name_encoding", None) == NAME_ENCODING else str
+        pooled = {}
+        for name, item in _datasets(f, skip=BRANCH_GROUP):
+            if wanted is None or decode(name) in wanted:
+                pooled[decode(name)] = item[()]
         out = AttentionFile(path, attrs, pooled)
         group = f.get(BRANCH_GROUP)
         if isinstance(group, h5py.Group):
             out.branch_names = [str(n) for n in group.attrs.get("names", [])]
             if branches:
-                out.branches = {name: item[()] for name, item in group.items()
-                                if wanted is None or name in wanted}
+                out.branches = {decode(name): item[()] for name, item in _datasets(group)
+                                if wanted is None or decode(name) in wanted}
     return out

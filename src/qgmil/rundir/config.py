@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ..data.bagfile import BagLimits
 from ..data.table import Columns
 
 
@@ -37,6 +38,7 @@ class DataConfig(_Section):
     cache: Literal["fp16", "fp32"] | None = None
     num_workers: int = Field(0, ge=0)
     check: bool = Field(True, description="read every bag for NaN/Inf and dims before training")
+    limits: BagLimits = Field(default_factory=BagLimits, description="what one feature file may declare")
 
     @model_validator(mode="after")
     def _one_source(self):

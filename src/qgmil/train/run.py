@@ -68,14 +68,14 @@ def _prepare_data(config: RunConfig, out: Path, ctx: Dist) -> tuple[Path, Path]:
 
 def _dataset(config: RunConfig, table: Path, features: Path) -> MILDataset:
     return MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
-                                 bag_unit=config.data.bag_unit, cache=config.data.cache)
+                                 bag_unit=config.data.bag_unit, cache=config.data.cache, limits=config.data.limits)
 
 
 def _check(config: RunConfig, table: Path, features: Path, ctx: Dist) -> None:
     problems = []
     if ctx.is_main and config.data.check:
         report = check_dataset(table, features, columns=config.data.columns, classes=config.data.classes,
-                               progress=config.runtime.progress)
+                               cache=config.data.cache, limits=config.data.limits, progress=config.runtime.progress)
         problems = report.problems
     problems = broadcast(problems, ctx)
     if problems:
@@ -164,6 +164,7 @@ def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: lis
     table, features = _prepare_data(config, run.root, ctx)
     _check(config, table, features, ctx)
     data = _dataset(config, table, features)
+    data.lengths  # every file's header read and checked (data.limits) before anything is written, data.check or not
     if ctx.is_main:
         if config.eval.splits is not None and not run.splits.exists():
             shutil.copyfile(config.eval.splits, run.splits)
