@@ -27,6 +27,8 @@ from .models.registry import architecture
 
 FORMAT = "qgmil"
 FORMAT_VERSION = "1"
+MAX_JSON_CHARS = 1 << 20  # a config or extra field is a few kB
+MAX_NESTING = 16  # json.loads recurses once per level; ours nest 2-3 deep
 
 
 class CheckpointError(ValueError):
@@ -48,10 +50,6 @@ def save_model(model: MILModel, path: str | Path, extra: dict | None = None) -> 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
-
-
-MAX_JSON_CHARS = 1 << 20  # a config or extra field is a few kB
-MAX_NESTING = 16  # json.loads recurses once per level; ours nest 2-3 deep
 
 
 def _json_object(path: Path, meta: dict, key: str) -> dict:

@@ -170,6 +170,10 @@ class EvalConfig(_Section):
 
 class RuntimeConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    progress: bool = True
+    tensorboard: bool = Field(True, description="also log to RUN_DIR/tensorboard when tensorboard is installed")
 
     @field_validator("device")
     @classmethod
@@ -183,10 +187,6 @@ class RuntimeConfig(_Section):
             except (RuntimeError, ValueError):
                 raise ValueError(f"{name!r} is not a device (auto, cpu, cuda, cuda:1, mps)") from None
         return name
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
-    progress: bool = True
-    tensorboard: bool = Field(True, description="also log to RUN_DIR/tensorboard when tensorboard is installed")
 
 
 TUNABLE = ("optim.", "model.overrides.", "data.max_instances", "eval.patience", "eval.min_epochs")
