@@ -108,7 +108,7 @@ def test_run_directory_holds_everything(digits, tmp_path):
 
     with pytest.raises(ConfigError, match="already holds a run"):
         train_run(small_config(digits), out)
-    with pytest.raises(ConfigError, match="nothing to resume"):
+    with pytest.raises(ConfigError, match="holds no run to resume"):
         train_run(None, tmp_path / "empty", resume=True)
 
     result = CliRunner().invoke(main, ["evaluate", str(out)])

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from ..atomic import atomic_write_text
+from ..rundir.config import dump_yaml
 from ..runtime import available_cpus
 from .report import build_tables
 from .spec import BenchmarkError, BenchSpec, Cell, load_spec, plan_cells
@@ -214,7 +213,7 @@ def run_benchmark(
     start = time.time()
     if not report_only:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "benchmark.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(out / "benchmark.yaml", dump_yaml(spec.model_dump(mode="json")))
         heads = {c.index: f"[{c.index + 1}/{len(cells)}] {c.model} on {c.dataset}" for c in cells}
         mine = [c for c in cells if shard is None or c.index % shard[1] == shard[0]]
         for cell in mine:

@@ -40,10 +40,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..rundir.config import ConfigError, RunConfig, format_validation_error, load_config
+from ..rundir.config import ConfigError, RunConfig, format_validation_error, load_config, parse_yaml, read_yaml
 from ..rundir.directory import RunDir
 from ..slurm import SlurmOptions
 
@@ -173,11 +172,10 @@ def load_spec(
         source = str(path or "command line")
     if preset is not None or path is not None:
         try:
-            tree = yaml.safe_load(preset_text(preset) if preset is not None else Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise BenchmarkError(f"{source}: benchmark file not found") from None
-        except yaml.YAMLError as err:
-            raise BenchmarkError(f"{source}: not valid YAML ({err})") from None
+            tree = (parse_yaml(preset_text(preset), source) if preset is not None
+                    else read_yaml(path, "benchmark file")) or {}
+        except ConfigError as err:
+            raise BenchmarkError(str(err)) from None
         if not isinstance(tree, dict):
             raise BenchmarkError(f"{source}: expected a mapping with datasets, models, folds, seeds, train")
     try:

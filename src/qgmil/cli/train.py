@@ -39,14 +39,17 @@ FLAG_KEYS = {"table": "data.table", "features": "data.features", "builtin": "dat
              "storage": "tune.storage", "pruner": "tune.pruner", "sampler": "tune.sampler"}
 
 
-def run_config(config_file, sets, quiet, flags):
+def run_config(config_file, sets, quiet, flags, out, resume):
     """The RunConfig the flags describe, or None when they only say where to resume (the saved one is used)."""
-    from ..rundir.config import load_config, parse_set
+    from ..rundir import RunDir
+    from ..rundir.config import load_config, parse_seeds, parse_set
 
+    if resume:  # before the flags are validated as a new config, which would complain about its data source
+        RunDir(out).require_resumable()
     base = training_keys(flags)
     base.update({FLAG_KEYS[k]: v for k, v in flags.items() if k in FLAG_KEYS and v is not None})
     if flags.get("seeds"):
-        base["eval.seeds"] = [int(s) for s in flags["seeds"].split(",")]
+        base["eval.seeds"] = parse_seeds(flags["seeds"])
     if quiet:
         base["runtime.progress"] = False
     if config_file or base.keys() - {"runtime.progress", "runtime.device"} or sets:
@@ -66,7 +69,7 @@ def train(config_file, sets, out, resume, quiet, **flags):
     from ..evaluate.metrics import format_summary
     from ..train.run import train_run
 
-    summary = train_run(run_config(config_file, sets, quiet, flags), out, resume=resume, command=command_line())
+    summary = train_run(run_config(config_file, sets, quiet, flags, out, resume), out, resume=resume, command=command_line())
     click.echo(format_summary(summary))
     click.echo(f"run directory: {out}  (summary.md, predictions.csv, folds/*/best.safetensors)")
 
@@ -95,7 +98,7 @@ def tune(config_file, sets, out, resume, quiet, parallel, executor, wait, **flag
     from ..slurm import SlurmOptions
 
     options = SlurmOptions(**slurm_keys(flags))
-    summary = tune_run(run_config(config_file, sets, quiet, flags), out, resume=resume, command=command_line(),
+    summary = tune_run(run_config(config_file, sets, quiet, flags, out, resume), out, resume=resume, command=command_line(),
                        workers=parallel, executor=executor or "local", slurm_options=options, wait=wait,
                        echo=click.echo)
     if not summary:  # submitted, not waited for

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import first_nonfinite
 from ..models.qgmil import QGMIL, QGMILConfig
 
 # Defaults of the official Qwen3MILConfig dataclass.
@@ -254,6 +255,8 @@ def convert_official_state_dict(state: dict[str, torch.Tensor], c: dict, source:
                 f"{source}: tensor {key!r} has shape {tuple(state[key].shape)} but the given official "
                 f"arguments need {shape}. Check --in-dim, --num-classes, --embed-dim and the head/width arguments."
             )
+    if (bad := first_nonfinite(state)) is not None:
+        raise ConversionError(f"{source}: tensor {bad!r} holds NaN or Inf values")
     ours = {}
     for key, tensor in state.items():
         tensor = tensor.detach().to(torch.float32)
@@ -315,7 +318,8 @@ def convert_official(
     source = str(state) if isinstance(state, (str, Path)) else "state_dict"
     if isinstance(state, (str, Path)):
         state = read_state_dict(state)
+    ours = convert_official_state_dict(state, c, source)  # shapes checked before the model is built
     model = QGMIL(to_qgmil_config(c))
     model.name = official_variant(variant)
-    model.load_state_dict(convert_official_state_dict(state, c, source), strict=True)
+    model.load_state_dict(ours, strict=True)
     return model.eval()

@@ -5,6 +5,10 @@ Owns the schema of RUN_DIR/config.yaml (`RunConfig`) and how it is read and over
 Unknown keys and wrong types are errors that name the key (`optim.lr: Input should be a valid number`).
 `--set a.b=value` overrides any field; values are parsed as YAML (`--set optim.lr=3e-4`,
 `--set model.overrides.dropout=0.1`, `--set eval.seeds=[0,1,2]`).
+
+Every YAML the package reads (config files, benchmark specs, `--set` values) goes through `parse_yaml` /
+`read_yaml`: safe_load without anchors and aliases (nested aliases expand exponentially: a 500-byte "billion
+laughs" file becomes gigabytes) and files of at most MAX_YAML_BYTES.
 """
 
 from __future__ import annotations
@@ -19,8 +23,64 @@ from ..data.bagfile import BagLimits
 from ..data.table import Columns
 
 
+MAX_YAML_BYTES = 1 << 20  # a run config or benchmark spec is a few kB
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message lists each bad key."""
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases, so that what is read is as large as the text."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "YAML anchors and aliases (&name, *name) are not allowed",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes repeated values out in full (no &id001 anchors), so that `_PlainLoader` reads them back."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> plain Python values; ConfigError on bad YAML or an anchor/alias, naming `source`."""
+    try:
+        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: not valid YAML ({problem}{where})") from None
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file (at most MAX_YAML_BYTES) -> plain Python values; ConfigError names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found" + (" (a directory)" if path.is_dir() else ""))
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {what} of {path.stat().st_size:,} bytes; at most {MAX_YAML_BYTES:,} are read")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return parse_yaml(text, str(path))
+
+
+def dump_yaml(tree: Any) -> str:
+    """Plain YAML that `parse_yaml` reads back (keys in their order, no anchors)."""
+    return yaml.dump(tree, Dumper=_PlainDumper, sort_keys=False)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and NaN are never meant (--lr inf would train on NaN weights); refused like any out-of-range value
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -117,6 +177,19 @@ class RuntimeConfig(_Section):
     progress: bool = True
     tensorboard: bool = Field(True, description="also log to RUN_DIR/tensorboard when tensorboard is installed")
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        """A device torch can name (whether it is present is checked where the run starts)."""
+        import torch
+
+        if name != "auto":
+            try:
+                torch.device(name)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"{name!r} is not a device (auto, cpu, cuda, cuda:1, mps)") from None
+        return name
+
 
 TUNABLE = ("optim.", "model.overrides.", "data.max_instances", "eval.patience", "eval.min_epochs")
 
@@ -187,7 +260,7 @@ class RunConfig(_Section):
             raise ConfigError(format_validation_error(err, "tuned settings")) from None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return dump_yaml(self.model_dump(mode="json"))
 
     def absolute(self) -> RunConfig:
         """Paths relative to the working directory made absolute, so the saved config works from anywhere."""
@@ -197,10 +270,6 @@ class RunConfig(_Section):
         if self.eval.splits is not None:
             update["eval"] = self.eval.model_copy(update={"splits": self.eval.splits.resolve()})
         return self.model_copy(update=update)
-
-
-class ConfigError(ValueError):
-    """A config that does not validate; the message lists each bad key."""
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -239,8 +308,16 @@ def parse_set(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
         key, raw = item.split("=", 1)
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        pairs.append((key.strip(), parse_yaml(raw, f"--set {key.strip()}") if raw.strip() else None))
     return pairs
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0,1,2" (the --seeds flag) -> [0, 1, 2]; ConfigError names the flag and its key."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} (eval.seeds): expected comma-separated integers, e.g. 0,1,2") from None
 
 
 def load_config(
@@ -252,12 +329,7 @@ def load_config(
     if path is not None:
         path = Path(path)
         source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the config must be a mapping of sections (data, model, optim, eval, runtime)")
         tree = loaded or {}

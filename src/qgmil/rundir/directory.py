@@ -137,6 +137,10 @@ class RunDir:
         """Folds with a metrics.json, in name order."""
         return [FoldDir(p.parent) for p in sorted(self.folds_dir.glob("*/metrics.json"))]
 
+    def require_resumable(self) -> None:
+        if not self.holds_run:
+            raise ConfigError(f"{self.root}: holds no run to resume (no config.yaml); start the run without --resume")
+
     def require_run(self) -> None:
         if not self.run_json.is_file() or not self.config.is_file():
             raise RunDirError(f"{self.root}: not a qgmil run directory (no run.json / config.yaml)")
@@ -153,7 +157,13 @@ class RunDir:
         """run.json: command, versions, classes, in_dim, provenance, bag_unit, n_bags, resumes."""
         if not self.run_json.exists():
             raise RunDirError(f"{self.root}: not a qgmil run directory (no run.json)")
-        return json.loads(self.run_json.read_text())
+        try:
+            facts = json.loads(self.run_json.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunDirError(f"{self.run_json}: not valid JSON ({err})") from None
+        if not isinstance(facts, dict) or not isinstance(facts.get("classes"), list):
+            raise RunDirError(f"{self.run_json}: not a run's facts (expected a JSON object with a classes list)")
+        return facts
 
     def write_facts(self, facts: dict) -> None:
         write_json(self.run_json, facts)
@@ -166,8 +176,7 @@ class RunDir:
         """The config to run: a new one (paths made absolute), or on resume the one saved here, whose
         runtime section the given config may change (device, threads, progress)."""
         if resume:
-            if not self.holds_run:
-                raise ConfigError(f"{self.root}: nothing to resume (no config.yaml); start the run without --resume")
+            self.require_resumable()
             stored = self.read_config()
             if config is not None and config.absolute().model_dump(exclude={"runtime"}) != stored.model_dump(exclude={"runtime"}):
                 raise ConfigError(f"{self.root}: the given config differs from the run's config.yaml; "
