@@ -168,14 +168,17 @@ def open_run(given: RunConfig | None, out_dir: str | Path, resume: bool, command
         torch.set_num_threads(config.runtime.threads)
     created = ctx.is_main and not run.root.exists()
     hold = contextlib.ExitStack()
+    _take_lock(run, ctx, hold)  # refused: the folder belongs to the process holding it, left alone
     try:
-        _take_lock(run, ctx, hold)
         run.resolve_config(given, resume)  # again under the lock: another process may have started a run here
         data, splits = _start(config, run, ctx, resume, command)
     except BaseException:
-        hold.close()
         if created and not run.holds_run:  # nothing of a run to keep: leave no directory behind
+            hold.close()
             shutil.rmtree(run.root, ignore_errors=True)
+        elif ctx.is_main and not resume and not run.holds_run:  # a folder that existed: no splits of a non-run
+            run.splits.unlink(missing_ok=True)
+        hold.close()
         raise
     return OpenRun(run, config, ctx, data, splits, hold)
 
