@@ -6,6 +6,7 @@ One tiny finished run (2 folds, 1 epoch) is trained once per module; each test w
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -219,7 +220,7 @@ needs_mount = pytest.mark.skipif(_mounting_works() is not None, reason=str(_moun
 def _in_mount_namespace(setup: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """`python ARGS` after the shell `setup` (mounts), in a private mount namespace: the mounts vanish with it.
     (Chmod cannot make a folder unwritable for root; a read-only mount or a full tmpfs can.)"""
-    command = f"{setup} && exec {sys.executable} " + " ".join(f"'{a}'" for a in args)
+    command = f"{setup} && exec {shlex.quote(sys.executable)} " + " ".join(shlex.quote(a) for a in args)
     return subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, env=ENV,
                           timeout=120, **kwargs)
 
@@ -243,8 +244,9 @@ def test_a_checkpoint_on_a_full_disk_is_an_oserror_naming_it(tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     code = textwrap.dedent(f"""
-        import errno, sys
-                from qgmil.models import create_model
+        import errno
+        from qgmil.checkpoint import save_model
+        from qgmil.models import create_model
         try:
             save_model(create_model("qgmil_light", in_dim=512, num_classes=2), {str(full / 'm.safetensors')!r})
         except OSError as err:
@@ -287,3 +289,4 @@ def test_os_errors_of_libraries_are_read_for_their_errno():
     assert (os_error(h5, "/x/a.h5").errno, os_error(h5, "/x/a.h5").filename) == (30, "/x/a.h5")
     rust = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
     assert os_error(rust).errno == 28 and os_error(ValueError("no errno here")) is None
+    assert os_error(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")).errno == 28

@@ -22,8 +22,8 @@ os.umask(_UMASK)
 
 
 # How libraries that do not raise OSError report one: h5py ("errno = 28, error message = ..."), Rust's std::io
-# errors inside safetensors' SafetensorError ("Os { code: 28, kind: StorageFull, ... }").
-_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|Os \{ code: (\d+)")
+# errors inside safetensors' SafetensorError ("... (os error 28)" as displayed, "Os { code: 28, ... }" as debugged).
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|Os \{ code: (\d+)|\(os error (\d+)\)")
 
 
 def os_error(err: BaseException, path: str | Path | None = None) -> OSError | None:
@@ -31,7 +31,7 @@ def os_error(err: BaseException, path: str | Path | None = None) -> OSError | No
     code = getattr(err, "errno", None) if isinstance(err, OSError) else None
     if code is None:
         found = _ERRNO_IN_TEXT.search(str(err))
-        code = int(found.group(1) or found.group(2)) if found else None
+        code = int(next(g for g in found.groups() if g)) if found else None
     if code is None:
         return err if isinstance(err, OSError) and path is None else None
     filename = str(path) if path is not None else getattr(err, "filename", None)
