@@ -13,6 +13,7 @@ Library modules are imported inside the commands, so that `qgmil --help` does no
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -21,17 +22,39 @@ from .. import __version__
 from . import bench, data, explain, extract, models, train
 
 
+# errnos of a write the file system refused: the message says "cannot write PATH"
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+def _os_message(err: OSError) -> str:
+    where = f" {err.filename}" if err.filename else ""
+    what = err.strerror or str(err)
+    if err.errno in _WRITE_ERRNOS:
+        return f"cannot write{where}: {what}" if where else f"cannot write: {what}"
+    return f"{err.filename}: {what}" if where else str(err)
+
+
 class _Errors(click.Group):
-    """Turn the library's validation errors into one clean line instead of a traceback."""
+    """Turn the library's validation errors into one clean line instead of a traceback (exit 2), and the
+    file system's (no space left, read-only, no permission; also as h5py and safetensors report them) into one
+    line naming the path (exit 1)."""
 
     def invoke(self, ctx):
         from pydantic import ValidationError
+
+        from ..atomic import os_error
 
         try:
             return super().invoke(ctx)
         except (ValueError, ValidationError, FileNotFoundError, ImportError) as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(2)
+        except Exception as err:
+            found = os_error(err)
+            if found is None:
+                raise
+            click.secho(f"error: {_os_message(found)}", fg="red", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Errors, context_settings={"help_option_names": ["-h", "--help"]})

@@ -108,15 +108,21 @@ def tune(config_file, sets, out, resume, quiet, parallel, executor, wait, **flag
     click.echo(f"run directory: {out}  (summary.md, tuning/settings.md, tuning/<fold>/chosen.json)")
 
 
+ALLOW_MISSING = click.option("--allow-missing-folds", is_flag=True,
+                             help="Use the finished folds only (default: every fold of the run's splits.json).")
+
+
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
-def evaluate(run_dir):
-    """Recompute and print a run's tables from its saved test predictions."""
+@ALLOW_MISSING
+def evaluate(run_dir, allow_missing_folds):
+    """Recompute and print a run's tables from its saved test predictions (the previous ones are kept as
+    predictions.prev.csv, summary.prev.*)."""
     from pathlib import Path
 
-    from ..evaluate.report import write_report
+    from ..evaluate.report import evaluate_run
 
-    write_report(run_dir)
+    evaluate_run(run_dir, allow_missing_folds=allow_missing_folds)
     click.echo((Path(run_dir) / "summary.md").read_text())
 
 
@@ -127,12 +133,13 @@ def evaluate(run_dir):
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--batch-size", default=1, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@ALLOW_MISSING
 @column_options
-def predict(source, data, features, out, batch_size, device, **kw):
+def predict(source, data, features, out, batch_size, device, allow_missing_folds, **kw):
     """Predict bags in DATA (a table, labels optional, or a folder of feature files) with SOURCE
     (a run directory: its fold models are averaged; or one checkpoint)."""
     from ..evaluate.predict import predict_bags
 
     frame = predict_bags(source, data, out, features=features, columns=columns(kw), batch_size=batch_size,
-                         device=device)
+                         device=device, allow_missing_folds=allow_missing_folds)
     click.echo(f"{len(frame)} bags predicted; wrote {out}/predictions.csv and {out}/attention.h5")

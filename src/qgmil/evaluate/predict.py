@@ -11,21 +11,32 @@ from ..checkpoint import load_model, read_metadata
 from ..data import BagLimits, DataError, MILDataset, read_attrs, read_table
 from ..data.bagfile import FEATURE_SUFFIXES, inspect_bag
 from ..data.table import Columns
-from ..rundir import RunDir, write_attention
+from ..rundir import RunDir, RunDirError, write_attention
 from ..rundir.directory import write_csv, write_json
 from ..runtime import Dist, resolve_device
 from .inference import infer
 from .metrics import classification_metrics
 
 
-def find_checkpoints(source: str | Path) -> list[Path]:
-    """A .safetensors checkpoint, or a run directory -> the best model of each finished fold."""
+def find_checkpoints(source: str | Path, allow_missing_folds: bool = False) -> list[Path]:
+    """A .safetensors checkpoint, or a run directory -> the best model of each of its folds (all of them,
+    unless `allow_missing_folds`: then those finished)."""
     source = Path(source)
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such run directory or checkpoint")
-    return RunDir(source).checkpoints()
+    return RunDir(source).checkpoints(allow_missing=allow_missing_folds)
+
+
+def check_out(out: str | Path) -> None:
+    """Refuse an output folder where a run keeps its own files (the run directory itself, its folds/ or
+    tuning/): predictions.csv, attention.h5 and metrics.json there would replace the run's results."""
+    run = RunDir.containing(out)
+    if run is not None and run.owns(out):
+        raise RunDirError(f"--out {out}: inside the run directory {run.root}, whose predictions.csv, attention.h5 "
+                          "and metrics.json it would replace; choose a folder outside it (or a new subfolder "
+                          f"such as {run.root / 'predict'})")
 
 
 def _table_for(data: Path, features: Path | None, columns: Columns | None) -> tuple[pd.DataFrame, Path]:
@@ -77,6 +88,7 @@ def predict_bags(
     device: str = "cpu",
     limits: BagLimits | None = None,
     progress: bool = True,
+    allow_missing_folds: bool = False,
 ) -> pd.DataFrame:
     """Average the probabilities (and attention) of the source's models over the bags of `data`.
 
@@ -84,9 +96,12 @@ def predict_bags(
     OUT/attention.h5 (one dataset per bag: the mean pooling attention over its real instances; for
     multi-branch models also the group `branch_attention`: per bag the mean (K, N) branch attentions,
     attrs["names"]) and, when every bag has a known label, OUT/metrics.json. Nothing is written when a bag
-    is refused (empty, another dim or encoder, NaN/Inf features, over `limits`): the error names it.
+    is refused (empty, another dim or encoder, NaN/Inf features, over `limits`): the error names it. A run
+    directory's models are those of all its folds (a fold without its best.safetensors is an error unless
+    `allow_missing_folds`); OUT may not be where a run keeps its own files (`check_out`).
     """
-    checkpoints = find_checkpoints(source)
+    check_out(out)
+    checkpoints = find_checkpoints(source, allow_missing_folds)
     metas = [read_metadata(p) for p in checkpoints]
     classes = metas[0]["extra"].get("classes")
     if classes is None:

@@ -5,14 +5,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..atomic import atomic_write_text
 from ..rundir import RunDir
-from ..rundir.directory import write_csv, write_json
+from ..rundir.directory import write_keeping_previous
 from .metrics import format_summary, summarize_predictions
 
 MAIN_METRICS = ["macro_f1", "balanced_accuracy", "accuracy", "auroc", "kappa", "ece", "brier", "nll"]
@@ -28,20 +28,34 @@ def fold_arrays(predictions: pd.DataFrame, classes: list[str]) -> list[tuple[np.
     ]
 
 
-def write_report(run_dir: str | Path) -> dict:
-    """Write predictions.csv, summary.json/.md/.csv and reliability.png (when matplotlib is installed)."""
+def evaluate_run(run_dir: str | Path, *, allow_missing_folds: bool = False) -> dict:
+    """`qgmil evaluate`: the report written again from the folds' saved predictions, holding the run's lock."""
+    run = RunDir(run_dir)
+    run.require_run()
+    with run.lock():
+        return write_report(run.root, allow_missing_folds=allow_missing_folds)
+
+
+def write_report(run_dir: str | Path, *, allow_missing_folds: bool = False) -> dict:
+    """Write predictions.csv, summary.json/.md/.csv and reliability.png (when matplotlib is installed).
+
+    Every fold of splits.json must be finished, unless `allow_missing_folds` (then the report says which
+    are left out). Files that change keep their previous version as *.prev.* (RunDir: write_keeping_previous).
+    """
     run = RunDir(run_dir)
     classes, config = run.classes, run.read_config()
     model = config.model.name
-    predictions = run.collect_predictions()
-    write_csv(run.predictions, predictions)
+    predictions = run.collect_predictions(allow_missing=allow_missing_folds)
+    missing = run.missing_folds()
+    write_keeping_previous(run.predictions, predictions.to_csv(index=False))
     folds = fold_arrays(predictions, classes)
     summary = summarize_predictions(folds, ordinal=config.eval.ordinal, n_boot=config.eval.bootstrap)
-    write_csv(run.summary_csv, pd.DataFrame([{"metric": k, **v} for k, v in summary.items()]))
+    write_keeping_previous(run.summary_csv, pd.DataFrame([{"metric": k, **v} for k, v in summary.items()]).to_csv(index=False))
     header = (f"# {model}: {len(folds)} test folds, {len(predictions)} test predictions\n\n"
-              f"mean ± std over folds; 95% CI: bootstrap over test bags within folds\n\n")
+              + (f"**{len(missing)} folds left out (not finished): {', '.join(missing)}**\n\n" if missing else "")
+              + "mean ± std over folds; 95% CI: bootstrap over test bags within folds\n\n")
     table = format_summary(summary, [m for m in MAIN_METRICS + list(summary) if m in summary and m != "n"][: len(summary)])
-    atomic_write_text(run.summary_md, header + table + "\n")
+    write_keeping_previous(run.summary_md, header + table + "\n")
     try:
         from .plots import reliability_diagram
 
@@ -50,5 +64,6 @@ def write_report(run_dir: str | Path) -> dict:
         reliability_diagram(y, probs, run.reliability, title=f"{model}: test predictions, all folds")
     except ImportError:
         pass  # plots are an optional extra
-    write_json(run.summary_json, summary)  # last: its presence marks the run finished
+    # last: its presence marks the run finished
+    write_keeping_previous(run.summary_json, json.dumps(summary, indent=1, default=str))
     return summary

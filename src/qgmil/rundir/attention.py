@@ -86,13 +86,27 @@ class AttentionFile:
         return self.branch_names is not None
 
 
+class AttentionFileError(ValueError):
+    """An attention.h5 that cannot be read; the message names it."""
+
+
 def read_attention(path: str | Path, *, bags: Iterable[str] | None = None, branches: bool = False) -> AttentionFile:
     """Read an attention.h5: every bag's pooling attention (or only `bags`'), and with `branches` their
     branch attention; the branch names are read whenever the file has the group."""
+    path = Path(path)
+    try:
+        return _read(path, None if bags is None else set(bags), branches)
+    except OSError as err:  # h5py's words for a truncated or damaged file do not name it
+        if isinstance(err, FileNotFoundError) or not path.exists():
+            raise FileNotFoundError(f"{path}: no such attention file") from None
+        raise AttentionFileError(f"{path}: cannot read this attention file, truncated or damaged ({err}); "
+                                 "run the fold (or `qgmil predict`) again to write it anew") from None
+
+
+
+def _read(path: Path, wanted: set[str] | None, branches: bool) -> AttentionFile:
     import h5py
 
-    path = Path(path)
-    wanted = None if bags is None else set(bags)
     with h5py.File(path, "r") as f:
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
         decode = _unescape if attrs.pop("name_encoding", None) == NAME_ENCODING else str

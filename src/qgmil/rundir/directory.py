@@ -1,6 +1,7 @@
 """The run directory: every path of a training run, and the reading and writing of its files.
 
 RUN_DIR/
+  run.lock             while a process writes the run (train, tune, evaluate): its host and pid (qgmil.locks)
   config.yaml          the resolved configuration (paths absolute): rerun or resume from it
   run.json             command line, versions, classes, feature provenance, start/resume times
   splits.json          the folds (reused on resume and by later runs)
@@ -8,7 +9,8 @@ RUN_DIR/
                        (state.safetensors while the fold is unfinished; metrics.json, written last, marks
                        it finished)
   predictions.csv      all test predictions; summary.json / .md / .csv; reliability.png (summary.json,
-                       written by the report at the end, marks the run finished)
+                       written by the report at the end, marks the run finished); a report written again
+                       keeps the previous one's files that changed as *.prev.* (predictions.prev.csv, ...)
   tuning/              tuned runs only (`qgmil tune`): studies.journal (the Optuna storage, one study per
                        outer fold, unless tune.storage points elsewhere), and per outer fold <name>/
                        chosen.json (the best trial's settings, written before the fold retrains with them),
@@ -22,12 +24,19 @@ read through them, so the layout is written down once, here.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write, atomic_write_text
+from ..locks import FileLocks, LockBusy
 from .config import ConfigError, RunConfig, load_config
+
+LOCK_NAME = "run"  # RUN_DIR/run.lock
 
 
 class RunDirError(ValueError):
@@ -43,10 +52,25 @@ def write_csv(path: Path, frame) -> None:
 
 
 def read_csv(path: Path):
-    """A predictions table with its id and label columns kept as text."""
+    """A predictions table with its id and label columns kept as text; RunDirError naming the file when it is
+    empty or not a table."""
     import pandas as pd
 
-    return pd.read_csv(path, dtype={"bag_id": str, "patient_id": str, "label": str})
+    try:
+        return pd.read_csv(path, dtype={"bag_id": str, "patient_id": str, "label": str})
+    except pd.errors.EmptyDataError:
+        raise RunDirError(f"{path}: empty file (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path}: not a readable CSV table ({err})") from None
+
+
+def write_keeping_previous(path: Path, text: str) -> None:
+    """Write `path`; when it held something else, that is kept first as <stem>.prev<suffix> (one generation),
+    so that recomputing a report never loses the one before."""
+    if path.is_file() and path.read_text() != text:
+        previous = path.with_name(f"{path.stem}.prev{path.suffix}")
+        atomic_write(previous, lambda tmp: shutil.copyfile(path, tmp))
+    atomic_write_text(path, text)
 
 
 @dataclass(frozen=True)
@@ -75,7 +99,16 @@ class FoldDir:
         return json.loads(self.metrics.read_text())
 
     def read_predictions(self):
-        return read_csv(self.predictions)
+        """The fold's test predictions; RunDirError naming the file when it is missing, empty or incomplete."""
+        if not self.predictions.is_file():
+            raise RunDirError(f"{self.predictions}: missing (the fold has a metrics.json but no test predictions)")
+        frame = read_csv(self.predictions)
+        missing = [c for c in ("bag_id", "fold", "seed", "label") if c not in frame.columns]
+        if missing:
+            raise RunDirError(f"{self.predictions}: no column {', '.join(missing)}")
+        if frame.empty:
+            raise RunDirError(f"{self.predictions}: no predictions (header only)")
+        return frame
 
     def finish(self, predictions, metrics: dict) -> None:
         """Write the test predictions, then metrics.json (which marks the fold finished), and drop the
@@ -141,6 +174,64 @@ class RunDir:
         if not self.holds_run:
             raise ConfigError(f"{self.root}: holds no run to resume (no config.yaml); start the run without --resume")
 
+    def fold_names(self) -> list[str]:
+        """Every (seed, fold) of the run, as splits.json lists them."""
+        from ..data import Splits
+
+        return [f.name for f in Splits.load(self.splits).folds]
+
+    def missing_folds(self) -> list[str]:
+        """Folds of splits.json without a finished fold folder (metrics.json), in the splits' order."""
+        return [name for name in self.fold_names() if not self.fold(name).finished]
+
+    def _require_folds(self, allow_missing: bool, what: str) -> None:
+        """Refuse to go on with a subset of the folds unless told to: the result would not be the run's."""
+        missing = self.missing_folds()
+        if missing and not allow_missing:
+            names = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise RunDirError(f"{self.root}: {len(missing)} of the run's {len(self.fold_names())} folds are not finished "
+                              f"({names}: no folds/<fold>/metrics.json); {what} needs them all, or pass "
+                              "--allow-missing-folds to use the finished ones only")
+
+    def owns(self, path: str | Path) -> bool:
+        """Whether `path` is where this run keeps its own files: the run directory itself, or folds/, tuning/
+        or anything under them (writing there could replace the run's results)."""
+        path, root = Path(path).resolve(), self.root.resolve()
+        if path == root:
+            return True
+        try:
+            first = path.relative_to(root).parts[0]
+        except ValueError:
+            return False
+        return first in (self.folds_dir.name, self.tuning.name)
+
+    @staticmethod
+    def containing(path: str | Path) -> RunDir | None:
+        """The run directory `path` is in or is (the nearest with a run.json and config.yaml), if any."""
+        path = Path(path).resolve()
+        for folder in (path, *path.parents):
+            run = RunDir(folder)
+            if run.run_json.is_file() and run.config.is_file():
+                return run
+        return None
+
+    @contextmanager
+    def lock(self, note: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold RUN_DIR/run.lock (host, pid; renewed by a heartbeat) while writing the run, so that a second
+        train/tune/evaluate on it is refused instead of writing the same files. A lock left by a killed process
+        of this host (or silent for 10 minutes) is taken over, saying so through `note` (default: stderr)."""
+        locks = FileLocks(self.root)
+        try:
+            recovered = locks.claim(LOCK_NAME)
+        except LockBusy as busy:
+            raise RunDirError(f"{self.root}: in use by {busy.by} (lock file {busy.path}); wait for it to end, or "
+                              "remove the lock file if that process is gone") from None
+        if recovered:
+            (note or (lambda m: print(m, file=sys.stderr)))(
+                f"{self.root}: took over the stale lock {locks.path(LOCK_NAME)} ({recovered})")
+        with locks:  # heartbeat while held, released at exit
+            yield
+
     def require_run(self) -> None:
         if not self.run_json.is_file() or not self.config.is_file():
             raise RunDirError(f"{self.root}: not a qgmil run directory (no run.json / config.yaml)")
@@ -198,17 +289,26 @@ class RunDir:
 
     # --- results -------------------------------------------------------------------------------
 
-    def checkpoints(self) -> list[Path]:
-        """The best model of each finished fold."""
-        found = [f.best for f in self.finished_folds() if f.best.exists()]
+    def checkpoints(self, allow_missing: bool = False) -> list[Path]:
+        """The best model of each fold: all folds of splits.json, or with `allow_missing` those finished."""
+        if self.splits.is_file():
+            self._require_folds(allow_missing, "predicting with the run")
+        finished = self.finished_folds()
+        lost = [f.best for f in finished if not f.best.is_file()]
+        if lost and not allow_missing:
+            raise RunDirError(f"{lost[0]}: missing, though its fold finished; pass --allow-missing-folds to predict "
+                              "with the other folds' models")
+        found = [f.best for f in finished if f.best.is_file()]
         if not found:
             raise RunDirError(f"{self.root}: no finished fold with a best.safetensors (is this a qgmil run directory?)")
         return found
 
-    def collect_predictions(self):
-        """Test predictions of every finished fold, ordered by seed and fold."""
+    def collect_predictions(self, allow_missing: bool = False):
+        """Test predictions of every fold of splits.json (or with `allow_missing` of the finished ones),
+        ordered by seed and fold."""
         import pandas as pd
 
+        self._require_folds(allow_missing, "the report")
         frames = [f.read_predictions() for f in self.finished_folds()]
         if not frames:
             raise RunDirError(f"{self.root}: no finished fold yet (no folds/*/metrics.json)")

@@ -1,18 +1,21 @@
 """A training run: data checks, patient-level splits, k-fold x seeds cross-validation, the report.
 
-Writes the run directory that `qgmil.rundir.RunDir` describes. Nothing is written before the config
-validated (at load time) and the data passed its checks; a fresh run that fails before its config.yaml
-is written leaves no directory behind.
+Writes the run directory that `qgmil.rundir.RunDir` describes, holding its lock (RUN_DIR/run.lock) from the
+start to the report. Nothing of the run is written before the config validated (at load time), the data passed
+its checks and what would fail only later was tried (`_validate`: the model built for the data, two classes,
+every fold with its parts); a fresh run that fails before its config.yaml is written leaves no directory behind
+(or, in a directory that existed, nothing that stops the next start).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +24,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data import DataError, Fold, MILDataset, Splits, check_dataset, load_or_make_splits, prepare_dataset, read_attrs
 from ..evaluate.report import write_report
-from ..rundir import RunConfig, RunDir
+from ..models import create_model
+from ..rundir import RunConfig, RunDir, RunDirError
 from ..runtime import Dist, barrier, broadcast, init_distributed
 from .loop import FoldParts, FoldTrainer
 
@@ -82,15 +86,63 @@ def _check(config: RunConfig, table: Path, features: Path, ctx: Dist) -> None:
         raise DataError(problems, f"{table}: the dataset has problems (see `qgmil data check`)")
 
 
+def _validate(config: RunConfig, run: RunDir, data: MILDataset, splits: Splits) -> None:
+    """Try what would otherwise fail only once the run has started (after a fold of training, or with its
+    config.yaml written, so that neither a fresh start nor --resume would get past it)."""
+    problems = []
+    present = sorted({data.classes[i] for i in data.labels if i >= 0})
+    if len(present) < 2:
+        problems.append(f"{data.table.attrs.get('source', 'the table')}: {len(present)} class among the labels "
+                        f"({', '.join(present) or 'none'}); a classifier needs at least 2")
+    for fold in splits.folds:
+        empty = [part for part in ("train", "val", "test")
+                 if not getattr(fold, part) and (part != "val" or config.eval.val_fraction > 0)]
+        if empty:
+            problems.append(f"{run.splits}: fold {fold.name} has no {' and no '.join(empty)} bags "
+                            "(a table's split column needs train and test rows)")
+    try:
+        create_model(config.model.name, in_dim=data.in_dim, num_classes=len(data.classes), **config.model.overrides)
+    except Exception as err:  # whatever the architecture raises for these settings
+        problems.append(f"model.name {config.model.name} with model.overrides {config.model.overrides}: cannot be "
+                        f"built for {data.in_dim}-dim features and {len(data.classes)} classes ({err})")
+    if problems:
+        raise DataError(problems, f"{run.root}: the run cannot start")
+
+
+def _take_lock(run: RunDir, ctx: Dist, hold: contextlib.ExitStack) -> None:
+    """RUN_DIR/run.lock, taken by rank 0 for all ranks: either all go on or all stop, naming the holder."""
+    error = None
+    if ctx.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        try:
+            hold.enter_context(run.lock())
+        except RunDirError as err:
+            error = str(err)
+    error = broadcast(error, ctx)
+    if error:
+        raise RunDirError(error)
+
+
 @dataclass
 class OpenRun:
-    """A run directory whose config and data passed their checks, with its data and splits loaded."""
+    """A run directory whose config and data passed their checks, with its data and splits loaded; opened by
+    `open_run` it holds the run's lock until closed (a context manager)."""
 
     run: RunDir
     config: RunConfig
     ctx: Dist
     data: MILDataset
     splits: Splits
+    hold: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    def close(self) -> None:
+        self.hold.close()
+
+    def __enter__(self) -> OpenRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def checkpoint_extra(self) -> dict:
         """What every checkpoint of the run records besides the model (checked at prediction time)."""
@@ -104,23 +156,31 @@ class OpenRun:
                          test=self.data.subset(fold.test) if fold.test else None)
 
 
-def open_run(config: RunConfig | None, out_dir: str | Path, resume: bool, command: list[str] | None) -> OpenRun:
+def open_run(given: RunConfig | None, out_dir: str | Path, resume: bool, command: list[str] | None) -> OpenRun:
     """Resolve the config (a new one, or the saved one on resume), start torch.distributed when launched by
-    torchrun, prepare and check the data, make the splits, write config.yaml and run.json. A fresh run that
-    fails before its config.yaml is written leaves no directory behind."""
+    torchrun, take the run's lock, prepare and check the data, make the splits, write config.yaml and run.json.
+    A fresh run that fails before its config.yaml is written leaves no directory behind. Close the result
+    (or use it as a context manager) to release the lock."""
     run = RunDir(Path(out_dir).resolve())
-    config = run.resolve_config(config, resume)
+    config = run.resolve_config(given, resume)
     ctx = init_distributed(config.runtime.device)
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     created = ctx.is_main and not run.root.exists()
+    hold = contextlib.ExitStack()
+    _take_lock(run, ctx, hold)  # refused: the folder belongs to the process holding it, left alone
     try:
+        run.resolve_config(given, resume)  # again under the lock: another process may have started a run here
         data, splits = _start(config, run, ctx, resume, command)
     except BaseException:
         if created and not run.holds_run:  # nothing of a run to keep: leave no directory behind
+            hold.close()
             shutil.rmtree(run.root, ignore_errors=True)
+        elif ctx.is_main and not resume and not run.holds_run:  # a folder that existed: no splits of a non-run
+            run.splits.unlink(missing_ok=True)
+        hold.close()
         raise
-    return OpenRun(run, config, ctx, data, splits)
+    return OpenRun(run, config, ctx, data, splits, hold)
 
 
 def attach_run(out_dir: str | Path) -> OpenRun:
@@ -137,7 +197,11 @@ def attach_run(out_dir: str | Path) -> OpenRun:
 
 def train_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = False, command: list[str] | None = None) -> dict:
     """Run (or resume) cross-validation; returns the summary (metric -> mean, std, ci_low, ci_high, n)."""
-    opened = open_run(config, out_dir, resume, command)
+    with open_run(config, out_dir, resume, command) as opened:
+        return _cross_validate(opened)
+
+
+def _cross_validate(opened: OpenRun) -> dict:
     run, config, ctx, data, splits = opened.run, opened.config, opened.ctx, opened.data, opened.splits
     progress = config.runtime.progress and ctx.is_main
     trainer = FoldTrainer(config, ctx, data.classes, data.in_dim, opened.checkpoint_extra())
@@ -171,6 +235,7 @@ def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: lis
         load_or_make_splits(data.table, run.splits, config.eval.folds, config.eval.seeds, config.eval.val_fraction)
     barrier(ctx)
     splits = Splits.load(run.splits)
+    _validate(config, run, data, splits)
     if ctx.is_main:
         run.write_config(config)
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -202,7 +202,12 @@ def tune_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = Fa
     if config is not None:
         check_space(config)
     optuna()  # a clear error before any directory is made
-    opened = open_run(config, out_dir, resume, command)
+    with open_run(config, out_dir, resume, command) as opened:
+        return _tune(opened, workers, executor, slurm_options, wait, echo)
+
+
+def _tune(opened: OpenRun, workers: int, executor: str, slurm_options: SlurmOptions | None, wait: bool,
+          echo: Callable[[str], None]) -> dict:
     if opened.ctx.enabled:
         raise TuneError("qgmil tune runs one process per study; under torchrun, run `qgmil train` with the chosen "
                         "settings instead")
