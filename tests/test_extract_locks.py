@@ -163,14 +163,15 @@ def test_a_live_job_keeps_its_bag_until_it_dies(tmp_path):
 
 
 def test_a_job_killed_mid_bag_leaves_no_finished_file_and_the_next_run_recovers(tmp_path):
-    slides, out = _slides(tmp_path / "slides", 1, side=384), tmp_path / "out"  # 144 tiles: seconds to encode
+    # 1024 tiles: long enough to be killed inside the bag even on an idle machine (144 were not, once)
+    slides, out = _slides(tmp_path / "slides", 1, side=1024), tmp_path / "out"
     lock = out / "locks" / "s0.lock"
     job = subprocess.Popen([sys.executable, "-m", "qgmil", *CLI, str(slides), "--out", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 60
     while not lock.exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)  # inside the bag: preparing or encoding
+    time.sleep(0.05)  # inside the bag: preparing or encoding
     job.send_signal(signal.SIGKILL)
     job.wait()
     assert job.returncode == -signal.SIGKILL, job.stderr.read()[-3000:]
@@ -179,7 +180,7 @@ def test_a_job_killed_mid_bag_leaves_no_finished_file_and_the_next_run_recovers(
 
     summary = extract_slides([slides], out, ENCODER, settings=SETTINGS, **FAST)
     assert _statuses(summary) == {"s0": "done"}
-    assert len(read_bag(out / "features" / "s0.h5")) == 144
+    assert len(read_bag(out / "features" / "s0.h5")) == 1024
     assert not lock.exists() and not leftovers(out / "features" / "s0.h5")
 
 

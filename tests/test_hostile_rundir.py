@@ -183,10 +183,10 @@ def test_a_run_that_cannot_start_fails_before_writing_and_leaves_the_folder_reus
     table, extra, expect = digits / "labels.csv", [], None
     if case == "single_class":
         table = _table(tmp_path, digits, "one.csv", label="positive")
-        expect = "1 class among the labels (positive); a classifier needs at least 2"
+        expect = "every labelled bag has class 'positive': training needs at least two classes"
     elif case == "train_only_split":
         table = _table(tmp_path, digits, "split.csv", split="train")
-        expect = "fold seed0-split has no test bags"
+        expect = "leaves fold seed0-split with no test bags"
     elif case == "unknown_model":
         extra, expect = ["--model", "qgmil_lite"], "model.name: unknown model 'qgmil_lite'"
     else:
