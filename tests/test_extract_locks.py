@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from lockholder import held_bag_lock
 from PIL import Image
 
 from qgmil.atomic import leftovers
@@ -143,20 +144,12 @@ def test_stale_locks_are_recovered_and_live_ones_skipped(tmp_path):
 
 def test_a_live_job_keeps_its_bag_until_it_dies(tmp_path):
     slides, out = _slides(tmp_path / "slides", 2), tmp_path / "out"
-    hold = (f"import sys; from qgmil.extract.locks import BagLocks; locks = BagLocks({str(out / 'locks')!r}); "
-            "locks.claim('s0'); print('held', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=ENV)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_bag_lock(out / "locks", "s0", ENV) as holder:
         summary = extract_slides([slides], out, ENCODER, settings=SETTINGS, **FAST)
         assert _statuses(summary) == {"s0": "busy", "s1": "done"}
         assert summary.results[0].error == f"locked by {HOST}:{holder.pid}"
         row = pd.read_csv(out / "bags.csv").iloc[0]
         assert (row.bag_id, row.status, row.error) == ("s0", "busy", f"locked by {HOST}:{holder.pid}")
-    finally:
-        holder.kill()
-        holder.wait()
     again = extract_slides([slides], out, ENCODER, settings=SETTINGS, **FAST)  # its pid is gone: recovered
     assert _statuses(again) == {"s0": "done", "s1": "skipped"}
     assert not list((out / "locks").iterdir())

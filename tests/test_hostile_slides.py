@@ -9,14 +9,13 @@ regression fails with MemoryError instead of exhausting the machine.
 import os
 import socket
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from capped import run_capped
+from lockholder import held_bag_lock
 from click.testing import CliRunner
 from PIL import Image
 
@@ -237,12 +236,7 @@ def test_second_job_on_a_folder_in_use_encodes_nothing(tmp_path):
     # A first job holds the slide (its lock, its live pid); a second identical command leaves the slide to it.
     slide, out = tmp_path / "s0.png", tmp_path / "out"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(slide)
-    hold = (f"import sys; from qgmil.extract.locks import BagLocks; locks = BagLocks({str(out / 'locks')!r}); "
-            "locks.claim('s0'); print('held', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=ENV)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_bag_lock(out / "locks", "s0", ENV) as holder:
         lock = out / "locks" / "s0.lock"
         before = lock.read_text()
         result = CliRunner().invoke(main, ["extract", "wsi", str(slide), "--out", str(out), "--mpp", "0.5",
@@ -251,9 +245,6 @@ def test_second_job_on_a_folder_in_use_encodes_nothing(tmp_path):
         assert "0 extracted" in result.output and "1 busy" in result.output
         assert f"busy   s0: locked by {socket.gethostname()}:{holder.pid}" in result.output
         assert not (out / "features" / "s0.h5").exists() and lock.read_text() == before  # the holder's lock kept
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_validation_failures_leave_no_output_folder(tmp_path):
