@@ -269,7 +269,7 @@ class FoldTrainer:
             "n_train": len(parts.train), "n_val": len(parts.val) if parts.val is not None else 0, "n_test": len(y),
             "val": {k[4:]: v for k, v in best_row.items() if k.startswith("val_")},
             "test": test,
-            "seconds": round(seconds, 1),
+            "seconds": round(seconds, 3),
         }
         if ctx.is_main:
             frame = pd.DataFrame({
