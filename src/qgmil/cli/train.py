@@ -18,6 +18,13 @@ def run_options(fn):
         click.option("--features", type=click.Path(file_okay=False), help="Feature files folder (data.features)."),
         click.option("--dataset", "builtin", help="A built-in dataset instead of --table (data.builtin)."),
         click.option("--model", help="Registered model name (model.name)."),
+        click.option("--task", type=click.Choice(["classification", "survival", "regression", "multilabel"]),
+                     help="What to predict (task.kind; default classification)."),
+        click.option("--time-col", help="Survival: the time column (data.columns.time; default time)."),
+        click.option("--event-col", help="Survival: the event column, 1 = event, 0 = censored (data.columns.event; "
+                     "default event)."),
+        click.option("--targets", help="Regression: the numeric target columns; multi-label: the 0/1 label columns "
+                     "(comma-separated; data.columns.targets; default: the label column)."),
         click.option("--folds", type=int, help="Cross-validation folds (eval.folds)."),
         click.option("--seeds", help="Comma-separated seeds, one k-fold each (eval.seeds)."),
         training_options,
@@ -34,7 +41,8 @@ def run_options(fn):
 
 
 FLAG_KEYS = {"table": "data.table", "features": "data.features", "builtin": "data.builtin", "model": "model.name",
-             "folds": "eval.folds", "bag_unit": "data.bag_unit", "max_instances": "data.max_instances",
+             "folds": "eval.folds", "task": "task.kind",
+             "time_col": "data.columns.time", "event_col": "data.columns.event", "bag_unit": "data.bag_unit", "max_instances": "data.max_instances",
              "workers": "data.num_workers", "trials": "tune.trials", "inner_folds": "tune.inner_folds",
              "storage": "tune.storage", "pruner": "tune.pruner", "sampler": "tune.sampler"}
 
@@ -50,6 +58,8 @@ def run_config(config_file, sets, quiet, flags, out, resume):
     base.update({FLAG_KEYS[k]: v for k, v in flags.items() if k in FLAG_KEYS and v is not None})
     if flags.get("seeds"):
         base["eval.seeds"] = parse_seeds(flags["seeds"])
+    if flags.get("targets"):
+        base["data.columns.targets"] = [t.strip() for t in flags["targets"].split(",") if t.strip()]
     if quiet:
         base["runtime.progress"] = False
     if config_file or base.keys() - {"runtime.progress", "runtime.device"} or sets:

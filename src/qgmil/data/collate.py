@@ -66,7 +66,8 @@ class _Batch:
 @dataclass
 class BagBatch(_Batch):
     """A padded batch. x (B, N, D) float32, mask (B, N) bool (True = real), labels (B,) int64
-    (-1 = unlabelled), index (B,) dataset positions, bag_ids, coords (B, N, 2) or None."""
+    (-1 = unlabelled), index (B,) dataset positions, bag_ids, coords (B, N, 2) or None, targets (B, T) float32
+    (the other tasks' targets) or None."""
 
     x: torch.Tensor
     mask: torch.Tensor
@@ -74,6 +75,7 @@ class BagBatch(_Batch):
     index: torch.Tensor
     bag_ids: list[str]
     coords: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     def inputs(self) -> tuple[tuple, dict]:
         """(args, kwargs) of the model call: model(x, mask)."""
@@ -83,13 +85,15 @@ class BagBatch(_Batch):
 @dataclass
 class PackedBatch(_Batch):
     """Bags concatenated without padding. x (T, D) float32 with T = sum of lengths, the rows of bag i at
-    offsets[i]:offsets[i + 1]; lengths (B,) int64; labels (B,) int64 (-1 = unlabelled), index (B,), bag_ids."""
+    offsets[i]:offsets[i + 1]; lengths (B,) int64; labels (B,) int64 (-1 = unlabelled), index (B,), bag_ids,
+    targets (B, T) float32 or None (as `BagBatch`)."""
 
     x: torch.Tensor
     lengths: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
     bag_ids: list[str]
+    targets: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -114,10 +118,13 @@ def pack_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _bag_fields(items: Sequence[BagItem]) -> dict:
-    """labels, index and bag_ids of a batch, whichever way its features are laid out."""
+    """labels, index, bag_ids and targets of a batch, whichever way its features are laid out."""
+    targets = None
+    if all(item.target is not None for item in items):
+        targets = torch.stack([item.target for item in items])
     return {"labels": torch.tensor([item.label for item in items], dtype=torch.long),
             "index": torch.tensor([item.index for item in items], dtype=torch.long),
-            "bag_ids": [item.bag_id for item in items]}
+            "bag_ids": [item.bag_id for item in items], "targets": targets}
 
 
 def collate_bags(items: Sequence[BagItem]) -> BagBatch:

@@ -26,13 +26,15 @@ FP16_MAX = 65504.0  # the largest finite float16
 
 @dataclass
 class BagItem:
-    """One bag as the loader yields it. features (N, D) float32; label: class index, -1 if unlabelled."""
+    """One bag as the loader yields it. features (N, D) float32; label: class index, -1 if unlabelled;
+    target (T,) float32: the bag's targets for the other tasks (the table's `target` column), else None."""
 
     features: torch.Tensor
     label: int
     index: int
     bag_id: str
     coords: torch.Tensor | None = None
+    target: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -44,19 +46,22 @@ class Unit:
     label: str | None
     files: tuple[Path, ...]
     slide_ids: tuple[str, ...]
+    target: tuple[float, ...] | None = None
 
 
 def _units(table: pd.DataFrame, bag_unit: BagUnit) -> list[Unit]:
+    targets = table["target"] if "target" in table else [None] * len(table)
     if bag_unit == "slide":
         return [
-            Unit(b, p, lab, (f,), (b,))
-            for b, p, lab, f in zip(table["bag_id"], table["patient_id"], table["label"], table["file"])
+            Unit(b, p, lab, (f,), (b,), t)
+            for b, p, lab, f, t in zip(table["bag_id"], table["patient_id"], table["label"], table["file"], targets)
         ]
     if bag_unit != "patient":
         raise ValueError(f"bag_unit must be 'slide' or 'patient', got {bag_unit!r}")
     units = []
     for patient, rows in table.groupby("patient_id", sort=False):
-        units.append(Unit(patient, patient, rows["label"].iloc[0], tuple(rows["file"]), tuple(rows["bag_id"])))
+        target = rows["target"].iloc[0] if "target" in rows else None  # a patient's rows agree (the task checks)
+        units.append(Unit(patient, patient, rows["label"].iloc[0], tuple(rows["file"]), tuple(rows["bag_id"]), target))
     return units
 
 
@@ -150,6 +155,15 @@ class MILDataset(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return np.array([self._class_index.get(u.label, -1) for u in self.units], dtype=np.int64)
+
+    @property
+    def targets(self) -> np.ndarray | None:
+        """(n, T) float64 targets of the other tasks (NaN where a bag has none), or None without a target column."""
+        if "target" not in self.table:
+            return None
+        width = max((len(u.target) for u in self.units if u.target is not None), default=0)
+        return np.array([u.target if u.target is not None else (np.nan,) * width for u in self.units],
+                        dtype=np.float64).reshape(len(self.units), width)
 
     def _file_length(self, file: Path) -> int:
         if file not in self._file_lengths:
@@ -255,7 +269,8 @@ class MILDataset(Dataset):
                 coords = torch.from_numpy(np.concatenate(parts).astype(np.float32))
                 coords = coords if rows is None else coords[torch.from_numpy(rows)]
         label = self._class_index.get(unit.label, -1)
-        return BagItem(features.float(), label, index, unit.bag_id, coords)
+        target = None if unit.target is None else torch.tensor(unit.target, dtype=torch.float32)
+        return BagItem(features.float(), label, index, unit.bag_id, coords, target)
 
     def preload(self, progress: bool = True) -> "MILDataset":
         """Fill the cache now (e.g. before forking DataLoader workers, which then share it)."""

@@ -97,13 +97,28 @@ class Splits:
         return problems
 
 
+def _strata(table: pd.DataFrame) -> str:
+    """The column splits stratify on: the label, or for tasks other than classification the `stratum` their
+    targets give (survival: event and time quantile; regression: target quantile; multi-label: label set)."""
+    return "stratum" if "stratum" in table else "label"
+
+
 def _patients(table: pd.DataFrame) -> pd.Series:
-    """patient_id -> label (one row per patient, table order)."""
-    labelled = table[table["label"].notna()]
+    """patient_id -> label or stratum (one row per patient, table order)."""
+    column = _strata(table)
+    labelled = table[table[column].notna()]
     if len(labelled) < len(table):
-        rows = table.loc[table["label"].isna(), "row"].tolist()
-        raise DataError([f"rows {rows[:10]}: splits need a label for every bag"])
-    return labelled.groupby("patient_id", sort=False)["label"].first()
+        rows = table.loc[table[column].isna(), "row"].tolist()
+        raise DataError([f"rows {rows[:10]}: splits need a {'target' if column == 'stratum' else 'label'} for every bag"])
+    return labelled.groupby("patient_id", sort=False)[column].first()
+
+
+def _merge_rare(patients: pd.Series, folds: int) -> pd.Series:
+    """Strata with fewer than `folds` patients pooled into one, so that stratification stays possible (a
+    label is never pooled: a class is kept apart, with a warning, as the user named it)."""
+    counts = patients.value_counts()
+    rare = set(counts[counts < folds].index)
+    return patients.map(lambda s: "(rare strata)" if s in rare else s) if rare else patients
 
 
 def _carve_val(patients: pd.Series, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -135,10 +150,12 @@ def make_splits(
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     patients = _patients(table)
+    if _strata(table) == "stratum":
+        patients = _merge_rare(patients, folds)
     counts = patients.value_counts()
     if len(patients) < folds:
         raise DataError([f"{len(patients)} patients cannot make {folds} folds"])
-    if counts.min() < folds:
+    if counts.min() < folds and _strata(table) == "label":
         warnings.warn(
             f"class {counts.idxmin()!r} has only {counts.min()} patients, fewer than {folds} folds: "
             "some test parts will lack it", stacklevel=2,
@@ -253,7 +270,7 @@ def load_or_make_splits(
 
 def fold_summary(splits: Splits, table: pd.DataFrame) -> pd.DataFrame:
     """Bags and class counts per part of every fold (for printing)."""
-    label_of = dict(zip(table["bag_id"], table["label"]))
+    label_of = dict(zip(table["bag_id"], table[_strata(table)]))
     rows = []
     for fold in splits:
         for part in PARTS:

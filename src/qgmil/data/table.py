@@ -37,6 +37,12 @@ class Columns(BaseModel):
     split: str = "split"
     fold: str = "fold"
     path: str = "path"
+    # targets of the other tasks (run config `task`): survival time and event; regression's numeric columns or
+    # multi-label's 0/1 columns (default: the label column, for multi-label split on label_sep)
+    time: str = "time"
+    event: str = "event"
+    targets: tuple[str, ...] | None = None
+    label_sep: str = ";"
 
 
 # Normalised column names used everywhere after `read_table`.
@@ -83,22 +89,25 @@ def _objects(values: list) -> pd.Series:
     return pd.Series(values, dtype=object)
 
 
-def read_table(path: str | Path, columns: Columns | None = None, require_labels: bool = True) -> pd.DataFrame:
+def read_table(path: str | Path, columns: Columns | None = None, require_labels: bool = True,
+               keep: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read and normalise a dataset table.
 
     Returns a DataFrame with columns bag_id, patient_id (str), label (str or None), and split, fold,
     path where the table has them, plus `row` (1-based line in the file, header = line 1) for messages.
     Raises DataError listing every table-level problem: missing columns, empty or duplicate bag ids,
     missing labels (when `require_labels`), unknown split names, a patient with conflicting labels.
+    `keep`: more columns that must exist, kept as they are written (stripped strings or None) under
+    `raw:<name>` (the target columns of a task, which parses them).
     """
-    table, problems = read_table_with_problems(path, columns, require_labels)
+    table, problems = read_table_with_problems(path, columns, require_labels, keep)
     if problems:
         raise DataError(problems, f"{path}: table problems")
     return table
 
 
 def read_table_with_problems(
-    path: str | Path, columns: Columns | None = None, require_labels: bool = True
+    path: str | Path, columns: Columns | None = None, require_labels: bool = True, keep: tuple[str, ...] = ()
 ) -> tuple[pd.DataFrame, list[str]]:
     """As `read_table`, but returns the table-level problems instead of raising on them
     (unreadable file and missing columns still raise: there is no table to go on with)."""
@@ -112,6 +121,10 @@ def read_table_with_problems(
     if require_labels and columns.label not in raw.columns:
         raise DataError([f"{path}: no label column {columns.label!r} (columns: {', '.join(map(str, raw.columns))})"])
 
+    absent = [name for name in keep if name not in raw.columns]
+    if absent:
+        raise DataError([f"{path}: no column {name!r} (columns: {', '.join(map(str, raw.columns))})" for name in absent])
+
     table = pd.DataFrame({"row": range(2, len(raw) + 2)})
     for name in STANDARD:
         source = getattr(columns, name)
@@ -124,6 +137,8 @@ def read_table_with_problems(
         table["patient_id"] = _objects([p if p else b for p, b in zip(table["patient_id"], table["bag_id"])])
     if "label" not in table:
         table["label"] = _objects([None] * len(table))
+    for name in keep:
+        table[f"raw:{name}"] = _objects([None if pd.isna(v) or not str(v).strip() else str(v).strip() for v in raw[name]])
     raw_labels = list(table["label"])
     table["label"] = _objects([normalize_label(v) for v in raw_labels])
 

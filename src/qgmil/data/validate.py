@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from .bagfile import BagFileError, BagLimits, inspect_bag, read_features
@@ -87,6 +89,8 @@ def check_dataset(
     cache: str | None = None,
     limits: BagLimits | None = None,
     progress: bool = True,
+    keep: tuple[str, ...] = (),
+    check_targets: Callable[[pd.DataFrame], list[str]] | None = None,
 ) -> DataReport:
     """Check a table and its feature files; never raises for bad data, returns a report instead.
 
@@ -96,15 +100,19 @@ def check_dataset(
     feature dimension that differs between bags or from `in_dim` (the model's), values a `cache="fp16"`
     would turn into inf, a file that declares more than `limits` (or has a bad dtype or coords), and, when
     labels are required, a table with no bags or fewer than two classes.
+    A task other than classification names its target columns (`keep`, see `read_table`) and checks them
+    (`check_targets(table) -> problems`, each naming the file and row).
     """
     report = DataReport(summary={"table": str(table), "features": str(features_dir)})
     classes = None if classes is None else [normalize_label(c) for c in classes]
     try:
-        frame, problems = read_table_with_problems(table, columns, require_labels)
+        frame, problems = read_table_with_problems(table, columns, require_labels, keep)
     except DataError as err:
         report.problems += err.problems
         return report
     report.problems += problems
+    if check_targets is not None:
+        report.problems += check_targets(frame)
     files, problems = resolve_files(frame, features_dir)
     report.problems += problems
     if classes is not None:

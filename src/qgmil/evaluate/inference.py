@@ -16,12 +16,13 @@ from ..runtime import Dist, all_gather, autocast
 class Inference:
     """A model's outputs on the bags of a dataset, in dataset order.
 
-    probs: (n, C) softmax probabilities. attention: per bag (N_i,) pooling attention over its real
+    outputs: (n, O) the decoded model outputs (`decode(logits)`: softmax probabilities for classification, see
+    `tasks.Task.decode` for the others). attention: per bag (N_i,) pooling attention over its real
     instances; branches: per bag (K, N_i) branch attention, for models that return it; both None unless
     asked for. branch_names: the K display names (`MILModel.branch_names`), with branches.
     """
 
-    probs: np.ndarray
+    outputs: np.ndarray
     attention: list[np.ndarray] | None = None
     branches: list[np.ndarray] | None = None
     branch_names: list[str] | None = None
@@ -30,13 +31,15 @@ class Inference:
 def infer(model: MILModel, data: MILDataset, ctx: Dist | None = None, *, batch_size: int | None = 1,
           batch_instances: int | None = None, pack: bool = True, dtype: torch.dtype | None = None,
           attention: bool = False, num_workers: int = 0,
-          classes: list[str] | None = None, progress: bool = False, desc: str | None = None) -> Inference:
+          classes: list[str] | None = None, progress: bool = False, desc: str | None = None,
+          decode=None) -> Inference:
     """Score every bag of `data` with `model` (eval mode, no gradient, autocast to `dtype` if given).
 
     Batches: at most `batch_size` bags and `batch_instances` instances (see `make_loader`), packed (no padding)
     when `pack` and the model takes packed bags.
     Under torchrun every rank scores its share of each batch and the results are gathered on all ranks.
-    `classes` name the branches of models whose branch k is class k's.
+    `classes` name the branches of models whose branch k is class k's. `decode` maps logits (B, C) to outputs
+    (default: softmax).
     """
     from tqdm.auto import tqdm
 
@@ -55,7 +58,8 @@ def infer(model: MILModel, data: MILDataset, ctx: Dist | None = None, *, batch_s
             args, packed = batch.inputs()
             with autocast(ctx.device, dtype):
                 out = model(*args, **packed)
-            probs = out.logits.float().softmax(-1).cpu().numpy()
+            logits = out.logits.float()
+            probs = (decode(logits) if decode is not None else logits.softmax(-1)).cpu().numpy()
             att = out.attention.float().cpu().numpy() if attention else None
             branches = None
             if attention and out.branch_attention is not None:

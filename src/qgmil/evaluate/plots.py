@@ -46,6 +46,30 @@ def reliability_diagram(y, probs, path, *, n_bins: int = 15, title: str | None =
     return save_figure(fig, path)
 
 
+def kaplan_meier_plot(time, event, high, path, *, p_value: float | None = None, title: str | None = None) -> Path:
+    """Kaplan-Meier curves (lifelines' estimator) of the high- and low-risk groups, with 95% bands and the
+    log-rank p-value. time, event (n,); high (n,) bool. Returns `path` (written atomically)."""
+    from lifelines import KaplanMeierFitter
+
+    time, event, high = np.asarray(time, float), np.asarray(event, bool), np.asarray(high, bool)
+    fig = new_figure(figsize=(6.0, 4.5))
+    ax = fig.subplots()
+    for name, group, color in (("low risk", ~high, "tab:blue"), ("high risk", high, "tab:red")):
+        if not group.any():
+            continue
+        km = KaplanMeierFitter().fit(time[group], event[group])
+        curve, band = km.survival_function_.iloc[:, 0], km.confidence_interval_
+        ax.step(curve.index, curve.values, where="post", color=color, label=f"{name} (n = {int(group.sum())})")
+        ax.fill_between(band.index, band.iloc[:, 0], band.iloc[:, 1], step="post", color=color, alpha=0.15)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("time")
+    ax.set_ylabel("survival probability")
+    ax.legend(loc="lower left", fontsize="small")
+    heading = "" if p_value is None or math.isnan(p_value) else f"log-rank p = {p_value:.2g}"
+    ax.set_title("\n".join(t for t in (title, heading) if t))
+    return save_figure(fig, path)
+
+
 def metric_bars(summary_by_model: dict[str, dict], path, metrics: Sequence[str] = ("macro_f1", "auroc")) -> Path:
     """Grouped bar chart of mean ± std per model and metric.
 

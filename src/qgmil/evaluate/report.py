@@ -13,19 +13,20 @@ import pandas as pd
 
 from ..rundir import RunDir
 from ..rundir.directory import write_keeping_previous
-from .metrics import format_summary, summarize_predictions
+from ..tasks import Task, make_task
+from .metrics import format_summary
 
-MAIN_METRICS = ["macro_f1", "balanced_accuracy", "accuracy", "auroc", "kappa", "ece", "brier", "nll"]
+
+def run_task(run: RunDir) -> Task:
+    """The task of a finished or running run directory (unfitted: enough to read and score predictions)."""
+    facts = run.read_facts()
+    config = run.read_config()
+    return make_task(config, facts.get("targets") or facts["classes"])
 
 
-def fold_arrays(predictions: pd.DataFrame, classes: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One (y (n,), probs (n, C)) per (seed, fold) test part."""
-    index = {c: i for i, c in enumerate(classes)}
-    columns = [f"prob_{c}" for c in classes]
-    return [
-        (part["label"].map(index).to_numpy(dtype=np.int64), part[columns].to_numpy(dtype=np.float64))
-        for _, part in predictions.groupby(["seed", "fold"], sort=True)
-    ]
+def fold_arrays(predictions: pd.DataFrame, task: Task) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One (targets, outputs) per (seed, fold) test part (classification: y (n,), probs (n, C))."""
+    return [task.from_predictions(part) for _, part in predictions.groupby(["seed", "fold"], sort=True)]
 
 
 def evaluate_run(run_dir: str | Path, *, allow_missing_folds: bool = False) -> dict:
@@ -43,25 +44,21 @@ def write_report(run_dir: str | Path, *, allow_missing_folds: bool = False) -> d
     are left out). Files that change keep their previous version as *.prev.* (RunDir: write_keeping_previous).
     """
     run = RunDir(run_dir)
-    classes, config = run.classes, run.read_config()
+    config, task = run.read_config(), run_task(run)
     model = config.model.name
     predictions = run.collect_predictions(allow_missing=allow_missing_folds)
     missing = run.missing_folds()
     write_keeping_previous(run.predictions, predictions.to_csv(index=False))
-    folds = fold_arrays(predictions, classes)
-    summary = summarize_predictions(folds, ordinal=config.eval.ordinal, n_boot=config.eval.bootstrap)
+    folds = fold_arrays(predictions, task)
+    summary = task.summarize(folds, n_boot=config.eval.bootstrap)
     write_keeping_previous(run.summary_csv, pd.DataFrame([{"metric": k, **v} for k, v in summary.items()]).to_csv(index=False))
-    header = (f"# {model}: {len(folds)} test folds, {len(predictions)} test predictions\n\n"
+    header = (f"# {model}{'' if task.kind == 'classification' else f' ({task.kind})'}: {len(folds)} test folds, {len(predictions)} test predictions\n\n"
               + (f"**{len(missing)} folds left out (not finished): {', '.join(missing)}**\n\n" if missing else "")
               + "mean ± std over folds; 95% CI: bootstrap over test bags within folds\n\n")
-    table = format_summary(summary, [m for m in MAIN_METRICS + list(summary) if m in summary and m != "n"][: len(summary)])
+    table = format_summary(summary, list(summary))
     write_keeping_previous(run.summary_md, header + table + "\n")
     try:
-        from .plots import reliability_diagram
-
-        y = np.concatenate([f[0] for f in folds])
-        probs = np.concatenate([f[1] for f in folds])
-        reliability_diagram(y, probs, run.reliability, title=f"{model}: test predictions, all folds")
+        task.plot(folds, run, title=f"{model}: test predictions, all folds")
     except ImportError:
         pass  # plots are an optional extra
     # last: its presence marks the run finished

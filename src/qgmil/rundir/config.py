@@ -107,6 +107,42 @@ class DataConfig(_Section):
         return self
 
 
+LOSSES = {"classification": ("ce",), "survival": ("cox", "nll"), "regression": ("mse", "huber"), "multilabel": ("bce",)}
+
+
+class TaskConfig(_Section):
+    """What the run predicts. `task: survival` is short for `task: {kind: survival}`. The targets' columns are
+    named in data.columns (survival: time, event; regression: targets, default the label column; multi-label:
+    targets as 0/1 columns, or the label column with names joined by label_sep)."""
+
+    kind: Literal["classification", "survival", "regression", "multilabel"] = "classification"
+    loss: str | None = Field(None, description="classification: ce; survival: cox (default) or nll (discrete time); "
+                             "regression: mse (default) or huber; multilabel: bce; null: the task's default")
+    time_bins: int = Field(4, ge=2, le=64, description="survival with loss nll: intervals cut at event-time quantiles")
+    huber_delta: float = Field(1.0, gt=0, description="regression with loss huber, in standard deviations")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _loss_of_kind(self):
+        allowed = LOSSES[self.kind]
+        if self.loss is None:
+            self.__dict__["loss"] = allowed[0]  # set without re-validating
+        elif self.loss not in allowed:
+            raise ValueError(f"loss {self.loss!r} is not one of task {self.kind}'s: {', '.join(allowed)}")
+        if self.kind == "survival":
+            from ..tasks.survival import require_libraries
+
+            try:
+                require_libraries()
+            except ImportError as err:  # a ValueError is reported as a config error naming task.kind
+                raise ValueError(str(err)) from None
+        return self
+
+
 class ModelSection(_Section):
     """The registered model and its config overrides, checked against the architecture when the config is
     loaded, so a mistyped name or field fails before any data is read or any file is written."""
@@ -162,7 +198,9 @@ class EvalConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
     splits: Path | None = Field(None, description="reuse this splits.json instead of making one")
-    monitor: Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc", "kappa", "nll", "loss"] = "macro_f1"
+    monitor: str | None = Field(None, description="validation metric early stopping (and tuning) follows; null: the "
+                                "task's (classification macro_f1, survival c_index, regression r2, multilabel "
+                                "macro_auroc); loss: the validation loss")
     patience: int | None = Field(10, ge=1, description="epochs without improvement before stopping; null = never")
     min_epochs: int = Field(0, ge=0)
     ordinal: bool = Field(False, description="labels are ordered: also report quadratic-weighted kappa")
@@ -242,12 +280,28 @@ class TuneConfig(_Section):
 
 
 class RunConfig(_Section):
+    task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig
     model: ModelSection = Field(default_factory=ModelSection)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _monitor_of_task(self):
+        from ..tasks import TASKS
+
+        task = TASKS[self.task.kind]
+        if self.task.kind != "classification" and self.optim.class_balanced_sampling:
+            raise ValueError(f"optim.class_balanced_sampling: there are no classes to balance in task {self.task.kind}")
+        if self.eval.monitor is None:
+            self.eval.__dict__["monitor"] = task.default_monitor
+        known = monitor_names(self.task.kind, self.eval.ordinal)
+        if self.eval.monitor not in known and not self.eval.monitor.startswith(("auroc_", "f1_")):
+            raise ValueError(f"eval.monitor {self.eval.monitor!r} is not a metric of task {self.task.kind} "
+                             f"({', '.join(known)})")
+        return self
 
     def with_keys(self, values: dict[str, Any]) -> RunConfig:
         """This config with dotted keys set (a trial's parameters), validated; ConfigError names the key."""
@@ -270,6 +324,17 @@ class RunConfig(_Section):
         if self.eval.splits is not None:
             update["eval"] = self.eval.model_copy(update={"splits": self.eval.splits.resolve()})
         return self.model_copy(update=update)
+
+
+def monitor_names(kind: str, ordinal: bool = False) -> tuple[str, ...]:
+    """The metrics eval.monitor may name for a task (multi-label also takes auroc_<label> and f1_<label>)."""
+    from ..evaluate.metrics import metric_names
+    from ..tasks import multilabel, regression, survival
+
+    names = {"classification": tuple(m for m in metric_names(ordinal) if m not in ("ece", "brier")) + ("nll",),
+             "survival": tuple(survival.HIGHER), "regression": tuple(regression.HIGHER),
+             "multilabel": tuple(multilabel.HIGHER)}[kind]
+    return tuple(dict.fromkeys(names + ("loss",)))
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -8,7 +8,8 @@ RUN_DIR/
   folds/<seed>-<fold>/ best.safetensors, epochs.csv, predictions.csv, attention.h5, metrics.json
                        (state.safetensors while the fold is unfinished; metrics.json, written last, marks
                        it finished)
-  predictions.csv      all test predictions; summary.json / .md / .csv; reliability.png (summary.json,
+  predictions.csv      all test predictions; summary.json / .md / .csv; reliability.png (classification) or
+                       kaplan_meier.png (survival) (summary.json,
                        written by the report at the end, marks the run finished); a report written again
                        keeps the previous one's files that changed as *.prev.* (predictions.prev.csv, ...)
   tuning/              tuned runs only (`qgmil tune`): studies.journal (the Optuna storage, one study per
@@ -103,7 +104,7 @@ class FoldDir:
         if not self.predictions.is_file():
             raise RunDirError(f"{self.predictions}: missing (the fold has a metrics.json but no test predictions)")
         frame = read_csv(self.predictions)
-        missing = [c for c in ("bag_id", "fold", "seed", "label") if c not in frame.columns]
+        missing = [c for c in ("bag_id", "fold", "seed") if c not in frame.columns]
         if missing:
             raise RunDirError(f"{self.predictions}: no column {', '.join(missing)}")
         if frame.empty:
@@ -136,6 +137,7 @@ class RunDir:
     summary_md = property(lambda self: self.root / "summary.md")
     summary_csv = property(lambda self: self.root / "summary.csv")
     reliability = property(lambda self: self.root / "reliability.png")
+    kaplan_meier = property(lambda self: self.root / "kaplan_meier.png")
 
     tuning = property(lambda self: self.root / "tuning")
     study_journal = property(lambda self: self.root / "tuning" / "studies.journal")

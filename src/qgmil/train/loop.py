@@ -15,21 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_model, save_model
 from ..data import MILDataset, make_loader, set_epoch
 from ..data.splits import Fold
 from ..evaluate.inference import infer
-from ..evaluate.metrics import HIGHER_IS_BETTER, classification_metrics
 from ..models import MILModel, create_model
 from ..rundir import FoldDir, RunConfig, write_attention
 from ..rundir.directory import write_csv
 from ..runtime import Dist, all_gather, autocast, autocast_dtype, barrier
+from ..tasks import Task
 from .state import load_state, save_state
 
 
@@ -75,37 +73,45 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """n / (C n_c): the mean weight over the training bags is 1 (absent classes get weight 0)."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
+def monitored(task: Task, monitor: str) -> str:
+    """The metric name eval.monitor stands for ("loss": the task's validation loss)."""
+    return task.loss_metric if monitor == "loss" else monitor
 
 
-def _score(metrics: dict, monitor: str) -> tuple[float, float]:
+def _score(metrics: dict, task: Task, monitor: str) -> tuple[float, float]:
     """Comparable score, higher is better; ties on the monitored metric go to the lower validation loss."""
-    name = "nll" if monitor == "loss" else monitor
-    value = metrics[name] if HIGHER_IS_BETTER[name] else -metrics[name]
+    name = monitored(task, monitor)
+    value = metrics[name] if task.higher_is_better(name) else -metrics[name]
     value = -math.inf if value is None or math.isnan(value) else value
-    return (value, -metrics["nll"])
+    loss = metrics.get(task.loss_metric, math.nan)
+    return (value, -math.inf if math.isnan(loss) else -loss)
 
 
 class FoldTrainer:
-    """Trains and evaluates one fold of a run. All ranks call `run`; rank 0 writes the files."""
+    """Trains and evaluates one fold of a run. All ranks call `run`; rank 0 writes the files.
 
-    def __init__(self, config: RunConfig, ctx: Dist, classes: list[str], in_dim: int, checkpoint_extra: dict):
+    `task` says what the model predicts (its output width, loss, outputs and metrics); it is fitted on each
+    fold's training part (class weights, target standardisation, time bins) and saved with the checkpoint."""
+
+    def __init__(self, config: RunConfig, ctx: Dist, task: Task, in_dim: int, checkpoint_extra: dict):
         self.config = config
         self.ctx = ctx
-        self.classes = classes
+        self.task = task
         self.in_dim = in_dim
         self.checkpoint_extra = checkpoint_extra
         self.dtype = autocast_dtype(ctx.device, config.runtime.precision)
 
     def _model(self, seed: int) -> MILModel:
         torch.manual_seed(seed)
-        model = create_model(self.config.model.name, in_dim=self.in_dim, num_classes=len(self.classes),
+        model = create_model(self.config.model.name, in_dim=self.in_dim, num_classes=self.task.out_dim,
                              **self.config.model.overrides)
         return model.to(self.ctx.device)
+
+    def _infer(self, model: MILModel, data: MILDataset, task: Task, **kwargs):
+        cfg = self.config
+        return infer(model, data, self.ctx, batch_size=cfg.optim.batch_size, batch_instances=cfg.optim.batch_instances,
+                     pack=cfg.optim.pack, dtype=self.dtype, num_workers=cfg.data.num_workers, decode=task.decode,
+                     **kwargs)
 
     def run(self, fold: Fold, parts: FoldParts, fold_dir: FoldDir, progress: bool = True) -> dict:
         """Train (or resume) the fold in `fold_dir`, then test its best weights; returns metrics.json's dict."""
@@ -143,7 +149,7 @@ class FoldTrainer:
         schedule = warmup_cosine(round(cfg.optim.warmup_epochs * steps[0]), sum(steps), cfg.optim.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
-        weight = class_weights(train.labels, len(self.classes)).to(ctx.device) if cfg.optim.class_weights else None
+        task = self.task.fit(train)
 
         info = {"epoch": -1, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
         if fold_dir is not None and fold_dir.state.exists():
@@ -154,19 +160,17 @@ class FoldTrainer:
         start = cfg.optim.epochs if info.get("stopped_early") else info["epoch"] + 1
         epochs = tqdm(range(start, cfg.optim.epochs), desc=fold.name, leave=False, unit="epoch",
                       disable=not (progress and ctx.is_main), initial=start, total=cfg.optim.epochs)
-        shown = "val_" + ("nll" if cfg.eval.monitor == "loss" else cfg.eval.monitor)
+        shown = "val_" + monitored(task, cfg.eval.monitor)
         for epoch in epochs:
             set_epoch(loader, epoch)
             lr = optimizer.param_groups[0]["lr"]
-            train_loss = self._train_epoch(wrapped, model, loader, optimizer, scheduler, scaler, weight)
+            train_loss = self._train_epoch(wrapped, model, loader, optimizer, scheduler, scaler, task)
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
             if parts.val is not None and len(parts.val):
-                probs = infer(model, parts.val, ctx, batch_size=cfg.optim.batch_size,
-                              batch_instances=cfg.optim.batch_instances, pack=cfg.optim.pack, dtype=self.dtype,
-                              num_workers=cfg.data.num_workers).probs
-                val = classification_metrics(parts.val.labels, probs, ordinal=cfg.eval.ordinal)
+                outputs = self._infer(model, parts.val, task).outputs
+                val = task.metrics(task.targets_of(parts.val), outputs)
                 row.update({f"val_{k}": v for k, v in val.items()})
-                score = list(_score(val, cfg.eval.monitor))
+                score = list(_score(val, task, cfg.eval.monitor))
             else:  # no validation part: the last epoch is the one kept
                 score = [float(epoch), 0.0]
             improved = info["best_score"] is None or score > info["best_score"]
@@ -174,7 +178,7 @@ class FoldTrainer:
                 info.update(best_score=score, best_epoch=epoch, bad_epochs=0)
                 if ctx.is_main and fold_dir is not None:
                     save_model(model, fold_dir.best, extra={**self.checkpoint_extra, "fold": fold.name,
-                                                                           "epoch": epoch})
+                                                            "epoch": epoch, "task": task.describe()})
             else:
                 info["bad_epochs"] += 1
             row["best"] = improved
@@ -202,8 +206,8 @@ class FoldTrainer:
             writer.close()
         return info
 
-    def _train_epoch(self, wrapped, model, loader, optimizer, scheduler, scaler, weight) -> float:
-        """One pass; returns the mean weighted cross-entropy over the training bags (all ranks)."""
+    def _train_epoch(self, wrapped, model, loader, optimizer, scheduler, scaler, task: Task) -> float:
+        """One pass; returns the mean task loss over the training bags (all ranks)."""
         cfg, ctx = self.config, self.ctx
         accum, clip = cfg.optim.grad_accum, cfg.optim.grad_clip
         plan = loader.batch_sampler.step_plan()
@@ -218,14 +222,15 @@ class FoldTrainer:
             with sync:
                 with autocast(ctx.device, self.dtype):
                     args, packed = batch.inputs()
-                    out = wrapped(*args, labels=batch.labels, **packed)
-                ce = F.cross_entropy(out.logits.float(), batch.labels, weight=weight, reduction="none",
-                                     label_smoothing=cfg.optim.label_smoothing)
+                    # class labels only for classification: models' class-specific auxiliary losses need them
+                    labels = batch.labels if task.needs_class_labels else None
+                    out = wrapped(*args, labels=labels, **packed)
+                bag_loss = task.loss(out.logits.float(), batch)  # summed over the batch's bags
                 keep = 0.0 if stand_in else 1.0
                 # Sum over this rank's bags / global batch size, times world size (DDP averages over
                 # ranks): the gradient of the mean loss over the global batch, as in one process.
                 scale = keep * ctx.world / (global_size * group_len)
-                loss = ce.sum() * scale
+                loss = bag_loss * scale
                 for aux in out.aux_losses.values():
                     loss = loss + aux.float() * len(batch) * scale
                 scaler.scale(loss).backward()
@@ -238,7 +243,7 @@ class FoldTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             if not stand_in:
-                total += float(ce.detach().sum())
+                total += float(bag_loss.detach())
                 count += len(batch)
         sums = all_gather((total, count), ctx)
         return sum(t for t, _ in sums) / max(1, sum(c for _, c in sums))
@@ -256,11 +261,11 @@ class FoldTrainer:
         cfg, ctx = self.config, self.ctx
         barrier(ctx)
         model = load_model(fold_dir.best, device=str(ctx.device))
-        result = infer(model, parts.test, ctx, batch_size=cfg.optim.batch_size,
-                       batch_instances=cfg.optim.batch_instances, pack=cfg.optim.pack, dtype=self.dtype,
-                       attention=cfg.eval.save_attention, num_workers=cfg.data.num_workers, classes=self.classes)
-        probs, y = result.probs, parts.test.labels
-        test = classification_metrics(y, probs, ordinal=cfg.eval.ordinal)
+        task = self.task.fit(parts.train)  # the same fitted state as in training (a function of the training part)
+        classes = self.task.names if task.kind == "classification" else []
+        result = self._infer(model, parts.test, task, attention=cfg.eval.save_attention, classes=classes)
+        outputs, y = result.outputs, task.targets_of(parts.test)
+        test = task.metrics(y, outputs)
         best_row = info["history"][info["best_epoch"]]  # history holds every epoch from 0, across resumes
         metrics = {
             "fold": fold.fold, "seed": fold.seed, "name": fold.name,
@@ -274,10 +279,7 @@ class FoldTrainer:
         if ctx.is_main:
             frame = pd.DataFrame({
                 "bag_id": parts.test.bag_ids, "patient_id": parts.test.patient_ids,
-                "fold": fold.fold, "seed": fold.seed,
-                "label": [self.classes[i] if i >= 0 else None for i in y],
-                "pred": [self.classes[i] for i in probs.argmax(1)],
-                **{f"prob_{c}": probs[:, i] for i, c in enumerate(self.classes)},
+                "fold": fold.fold, "seed": fold.seed, **task.prediction_columns(y, outputs),
             })
             if result.attention is not None:
                 write_attention(fold_dir.attention, parts.test.bag_ids, result.attention, branches=result.branches,

@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data import DataError, Fold, MILDataset, Splits, check_dataset, load_or_make_splits, prepare_dataset, read_attrs
 from ..evaluate.report import write_report
+from ..data.table import read_table
 from ..models import create_model
 from ..rundir import RunConfig, RunDir, RunDirError
 from ..runtime import Dist, barrier, broadcast, init_distributed
+from ..tasks import Task, make_task, parse_targets, target_columns
 from .loop import FoldParts, FoldTrainer
 
 PROVENANCE_KEYS = ("encoder", "extractor", "encoder_version", "patch_size_px", "patch_size_um", "tile_size_um",
@@ -70,28 +72,48 @@ def _prepare_data(config: RunConfig, out: Path, ctx: Dist) -> tuple[Path, Path]:
     return table, features
 
 
-def _dataset(config: RunConfig, table: Path, features: Path) -> MILDataset:
-    return MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
-                                 bag_unit=config.data.bag_unit, cache=config.data.cache, limits=config.data.limits)
+def _dataset(config: RunConfig, table: Path, features: Path) -> tuple[MILDataset, Task]:
+    """The run's bags and its task (for classification: its classes; else the targets parsed and checked)."""
+    options = dict(bag_unit=config.data.bag_unit, cache=config.data.cache, limits=config.data.limits)
+    if config.task.kind == "classification":
+        data = MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
+                                     **options)
+        return data, make_task(config, data.classes)
+    frame = read_table(table, config.data.columns, require_labels=False, keep=target_columns(config))
+    names, problems = parse_targets(frame, config)
+    if problems:
+        raise DataError(problems, f"{table}: the {config.task.kind} targets have problems")
+    data = MILDataset.from_table(frame, features, columns=config.data.columns, classes=[], **options)
+    return data, make_task(config, names)
+
+
+def _check_targets(config: RunConfig):
+    """The target check of `check_dataset` for tasks other than classification (None for classification)."""
+    if config.task.kind == "classification":
+        return None
+    return lambda frame: parse_targets(frame, config)[1]
 
 
 def _check(config: RunConfig, table: Path, features: Path, ctx: Dist) -> None:
     problems = []
     if ctx.is_main and config.data.check:
+        classification = config.task.kind == "classification"
         report = check_dataset(table, features, columns=config.data.columns, classes=config.data.classes,
-                               cache=config.data.cache, limits=config.data.limits, progress=config.runtime.progress)
+                               cache=config.data.cache, limits=config.data.limits, progress=config.runtime.progress,
+                               require_labels=classification, keep=target_columns(config),
+                               check_targets=_check_targets(config))
         problems = report.problems
     problems = broadcast(problems, ctx)
     if problems:
         raise DataError(problems, f"{table}: the dataset has problems (see `qgmil data check`)")
 
 
-def _validate(config: RunConfig, run: RunDir, data: MILDataset, splits: Splits) -> None:
+def _validate(config: RunConfig, run: RunDir, data: MILDataset, task: Task, splits: Splits) -> None:
     """Try what would otherwise fail only once the run has started (after a fold of training, or with its
     config.yaml written, so that neither a fresh start nor --resume would get past it)."""
     problems = []
     present = sorted({data.classes[i] for i in data.labels if i >= 0})
-    if len(present) < 2:
+    if task.kind == "classification" and len(present) < 2:
         problems.append(f"{data.table.attrs.get('source', 'the table')}: {len(present)} class among the labels "
                         f"({', '.join(present) or 'none'}); a classifier needs at least 2")
     for fold in splits.folds:
@@ -101,10 +123,10 @@ def _validate(config: RunConfig, run: RunDir, data: MILDataset, splits: Splits) 
             problems.append(f"{run.splits}: fold {fold.name} has no {' and no '.join(empty)} bags "
                             "(a table's split column needs train and test rows)")
     try:
-        create_model(config.model.name, in_dim=data.in_dim, num_classes=len(data.classes), **config.model.overrides)
+        create_model(config.model.name, in_dim=data.in_dim, num_classes=task.out_dim, **config.model.overrides)
     except Exception as err:  # whatever the architecture raises for these settings
         problems.append(f"model.name {config.model.name} with model.overrides {config.model.overrides}: cannot be "
-                        f"built for {data.in_dim}-dim features and {len(data.classes)} classes ({err})")
+                        f"built for {data.in_dim}-dim features and {task.out_dim} outputs ({err})")
     if problems:
         raise DataError(problems, f"{run.root}: the run cannot start")
 
@@ -132,6 +154,7 @@ class OpenRun:
     config: RunConfig
     ctx: Dist
     data: MILDataset
+    task: Task
     splits: Splits
     hold: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
@@ -146,8 +169,11 @@ class OpenRun:
 
     def checkpoint_extra(self) -> dict:
         """What every checkpoint of the run records besides the model (checked at prediction time)."""
-        return {"classes": self.data.classes, "in_dim": self.data.in_dim, "provenance": provenance(self.data),
-                "bag_unit": self.config.data.bag_unit, "model": self.config.model.name, "run": str(self.run.root)}
+        extra = {"in_dim": self.data.in_dim, "provenance": provenance(self.data), "bag_unit": self.config.data.bag_unit,
+                 "model": self.config.model.name, "run": str(self.run.root), "task": self.task.describe()}
+        if self.task.kind == "classification":
+            extra["classes"] = self.data.classes
+        return extra
 
     def parts(self, fold: Fold, config: RunConfig | None = None) -> FoldParts:
         max_instances = (config or self.config).data.max_instances
@@ -171,7 +197,7 @@ def open_run(given: RunConfig | None, out_dir: str | Path, resume: bool, command
     _take_lock(run, ctx, hold)  # refused: the folder belongs to the process holding it, left alone
     try:
         run.resolve_config(given, resume)  # again under the lock: another process may have started a run here
-        data, splits = _start(config, run, ctx, resume, command)
+        data, task, splits = _start(config, run, ctx, resume, command)
     except BaseException:
         if created and not run.holds_run:  # nothing of a run to keep: leave no directory behind
             hold.close()
@@ -180,7 +206,7 @@ def open_run(given: RunConfig | None, out_dir: str | Path, resume: bool, command
             run.splits.unlink(missing_ok=True)
         hold.close()
         raise
-    return OpenRun(run, config, ctx, data, splits, hold)
+    return OpenRun(run, config, ctx, data, task, splits, hold)
 
 
 def attach_run(out_dir: str | Path) -> OpenRun:
@@ -192,7 +218,8 @@ def attach_run(out_dir: str | Path) -> OpenRun:
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     ctx = init_distributed(config.runtime.device)
-    return OpenRun(run, config, ctx, _dataset(config, *_data_paths(config, run.root)), Splits.load(run.splits))
+    data, task = _dataset(config, *_data_paths(config, run.root))
+    return OpenRun(run, config, ctx, data, task, Splits.load(run.splits))
 
 
 def train_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = False, command: list[str] | None = None) -> dict:
@@ -204,7 +231,7 @@ def train_run(config: RunConfig | None, out_dir: str | Path, *, resume: bool = F
 def _cross_validate(opened: OpenRun) -> dict:
     run, config, ctx, data, splits = opened.run, opened.config, opened.ctx, opened.data, opened.splits
     progress = config.runtime.progress and ctx.is_main
-    trainer = FoldTrainer(config, ctx, data.classes, data.in_dim, opened.checkpoint_extra())
+    trainer = FoldTrainer(config, ctx, opened.task, data.in_dim, opened.checkpoint_extra())
     folds = tqdm(splits.folds, desc=f"{config.model.name} cross-validation", unit="fold", disable=not progress)
     for fold in folds:
         fold_dir = run.fold(fold.name)
@@ -218,7 +245,7 @@ def _cross_validate(opened: OpenRun) -> dict:
 
 
 def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: list[str] | None
-           ) -> tuple[MILDataset, Splits]:
+           ) -> tuple[MILDataset, Task, Splits]:
     """Prepare and check the data, make (or reuse) the splits, then write config.yaml and run.json."""
     if ctx.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -227,7 +254,7 @@ def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: lis
     barrier(ctx)
     table, features = _prepare_data(config, run.root, ctx)
     _check(config, table, features, ctx)
-    data = _dataset(config, table, features)
+    data, task = _dataset(config, table, features)
     data.lengths  # every file's header read and checked (data.limits) before anything is written, data.check or not
     if ctx.is_main:
         if config.eval.splits is not None and not run.splits.exists():
@@ -235,16 +262,16 @@ def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: lis
         load_or_make_splits(data.table, run.splits, config.eval.folds, config.eval.seeds, config.eval.val_fraction)
     barrier(ctx)
     splits = Splits.load(run.splits)
-    _validate(config, run, data, splits)
+    _validate(config, run, data, task, splits)
     if ctx.is_main:
         run.write_config(config)
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         facts = run.read_facts() if run.run_json.exists() else {
             "command": command or sys.argv, "cwd": os.getcwd(), "started": now, "world_size": ctx.world,
             "versions": _versions(), "classes": data.classes, "in_dim": data.in_dim, "provenance": provenance(data),
-            "bag_unit": config.data.bag_unit, "n_bags": len(data)}
+            "bag_unit": config.data.bag_unit, "n_bags": len(data), "task": task.kind, "targets": task.names}
         if resume:
             facts.setdefault("resumed", []).append({"at": now, "command": command or sys.argv})
         run.write_facts(facts)
     barrier(ctx)
-    return data, splits
+    return data, task, splits
