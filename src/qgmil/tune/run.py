@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from .. import slurm
 from ..data.splits import Fold, inner_folds
-from ..evaluate.metrics import HIGHER_IS_BETTER
 from ..evaluate.report import write_report
 from ..models import model_entry
 from ..models.search import Space, merge_space
@@ -33,7 +32,8 @@ from ..rundir import RunConfig, RunDir
 from ..rundir.directory import write_csv, write_json
 from ..runtime import available_cpus
 from ..slurm import SlurmOptions
-from ..train.loop import FoldTrainer
+from ..tasks import Task, make_task
+from ..train.loop import FoldTrainer, monitored
 from ..train.run import OpenRun, attach_run, open_run
 from .plots import plot_study
 from .settings import write_settings
@@ -55,10 +55,10 @@ def check_space(config: RunConfig) -> None:
             config.with_keys({**fixed, key: value})
 
 
-def _metric(config: RunConfig) -> tuple[str, str]:
-    """(validation column, direction) of the tuned metric: eval.monitor."""
-    name = "nll" if config.eval.monitor == "loss" else config.eval.monitor
-    return f"val_{name}", "maximize" if HIGHER_IS_BETTER[name] else "minimize"
+def _metric(config: RunConfig, task: Task) -> tuple[str, str]:
+    """(validation column, direction) of the tuned metric: eval.monitor, a metric of the run's task."""
+    name = monitored(task, config.eval.monitor)
+    return f"val_{name}", "maximize" if task.higher_is_better(name) else "minimize"
 
 
 class FoldStudy:
@@ -69,7 +69,7 @@ class FoldStudy:
         self.config = opened.config
         self.tune = self.config.tune
         self.space, self.fixed = search_space(self.config)
-        self.column, direction = _metric(self.config)
+        self.column, direction = _metric(self.config, opened.task)
         self.loss_sign = -1.0 if direction == "maximize" else 1.0
         if self.tune.inner_folds:
             self.inner = inner_folds(opened.data.table, fold, self.tune.inner_folds, seed=fold.seed * 1000 + fold.fold)
@@ -88,7 +88,9 @@ class FoldStudy:
         except ValueError as err:  # settings that do not fit together: a failed trial, counted
             trial.set_user_attr("error", str(err))
             raise
-        trainer = FoldTrainer(config, self.opened.ctx, self.opened.data.classes, self.opened.data.in_dim, {})
+        # the task again from the trial's settings (optim.label_smoothing, optim.class_weights may be tuned)
+        task = make_task(config, self.opened.task.names)
+        trainer = FoldTrainer(config, self.opened.ctx, task, self.opened.data.in_dim, {})
         scores, epochs = [], 0
         for j, inner in enumerate(self.inner):
 
@@ -261,7 +263,7 @@ def retrain(opened: OpenRun, progress: bool) -> dict:
             continue
         chosen = json.loads(run.chosen(fold.name).read_text())
         tuned = config.with_keys({**chosen["fixed"], **chosen["params"]})
-        trainer = FoldTrainer(tuned, opened.ctx, opened.data.classes, opened.data.in_dim,
+        trainer = FoldTrainer(tuned, opened.ctx, make_task(tuned, opened.task.names), opened.data.in_dim,
                               {**opened.checkpoint_extra(), "tuned": chosen["params"]})
         trainer.run(fold, opened.parts(fold, tuned), fold_dir, progress=progress)
     write_settings(run, search_space(config)[0])
