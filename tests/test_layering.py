@@ -19,14 +19,14 @@ PACKAGE = Path(qgmil.__file__).parent
 
 #: each top-level module or subpackage of qgmil and its layer: a module may import its own layer or lower ones
 LAYERS = {
-    "__init__": 0, "atomic": 0, "locks": 0, "plotting": 0,
+    "__init__": 0, "atomic": 0, "locks": 0, "plotting": 0, "task_specs": 0,
     "layers": 1,
     "models": 2,
     "checkpoint": 3, "convert": 3,
     "data": 4,
     "runtime": 5,
     "extract": 6, "rundir": 6, "slurm": 6,
-    "evaluate": 7,
+    "evaluate": 7, "tasks": 7,
     "explain": 8,
     "train": 9,
     "tune": 10,

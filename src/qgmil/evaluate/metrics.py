@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..task_specs import HIGHER_IS_BETTER as TASK_METRICS
+
 METRICS: tuple[str, ...] = ("macro_f1", "balanced_accuracy", "accuracy", "auroc", "kappa", "ece", "brier", "nll")
 ORDINAL_METRICS: tuple[str, ...] = ("macro_f1", "balanced_accuracy", "accuracy", "auroc", "kappa", "kappa_quadratic",
                                     "ece", "brier", "nll")
-HIGHER_IS_BETTER: dict[str, bool] = {"macro_f1": True, "balanced_accuracy": True, "accuracy": True, "auroc": True,
-                                     "kappa": True, "kappa_quadratic": True, "ece": False, "brier": False, "nll": False}
+HIGHER_IS_BETTER: dict[str, bool] = TASK_METRICS["classification"]
 
 _PROB_EPS = 1e-12
 _SUM_TOL = 1e-3  # loose enough for float32 softmax outputs, tight enough to catch logits passed by mistake

@@ -136,6 +136,7 @@ class ACMIL(MILModel):
 
     arch = "acmil"
     Config = ACMILConfig
+    class_label_losses = ("branch_ce",)  # need class labels: classification only
     search_space = {"dropout": DROPOUT, "diversity_weight": Float(0.0, 2.0),
                     "n_masked_patch": Choice((0, 5, 10, 20)), "mask_drop": Float(0.3, 0.9)}
     tags = ("baseline", "multi_branch")
@@ -185,14 +186,16 @@ class ACMIL(MILModel):
         logits = self.head(self.drop(embedding))
 
         aux: dict[str, torch.Tensor] = {}
-        if self.training and labels is not None and cfg.n_token > 1:
-            branch = self.branch_logits(branch_attention, h).float()  # (B, T, C)
-            if cfg.num_classes == 1:  # one binary logit per branch
-                target = labels.to(branch.dtype)[:, None].expand(-1, cfg.n_token)
-                branch_ce = F.binary_cross_entropy_with_logits(branch[..., 0], target)
-            else:  # the official CE over all B * T branch predictions = mean over branches and bags
-                branch_ce = F.cross_entropy(branch.flatten(0, 1), labels.repeat_interleave(cfg.n_token))
-            aux["branch_ce"] = cfg.branch_loss_weight * branch_ce
+        if self.training and cfg.n_token > 1:
+            if labels is not None:  # class labels: only for classification (the other tasks train without it)
+                branch = self.branch_logits(branch_attention, h).float()  # (B, T, C)
+                if cfg.num_classes == 1:  # one binary logit per branch
+                    target = labels.to(branch.dtype)[:, None].expand(-1, cfg.n_token)
+                    branch_ce = F.binary_cross_entropy_with_logits(branch[..., 0], target)
+                else:  # the official CE over all B * T branch predictions = mean over branches and bags
+                    branch_ce = F.cross_entropy(branch.flatten(0, 1), labels.repeat_interleave(cfg.n_token))
+                aux["branch_ce"] = cfg.branch_loss_weight * branch_ce
+            # the branches' diversity needs no label: it is kept for every task
             aux["diversity"] = cfg.diversity_weight * diversity_loss(branch_attention)
         return MILOutput(
             logits=logits, attention=attention, embedding=embedding, branch_attention=branch_attention,

@@ -127,6 +127,11 @@ class MILModel(nn.Module):
     """True when a training step may leave parameters without gradient (CLAM trains only the instance
     classifiers of the bag's class), so DDP must look for them (`find_unused_parameters`)."""
 
+    class_label_losses: ClassVar[tuple[str, ...]] = ()
+    """Names of the `aux_losses` that need bag class labels (CLAM's instance clustering, DSMIL's max-instance
+    CE, ...): trained for classification only; the other tasks (survival, regression, multi-label) give the
+    model no `labels`, train without them and say so in run.json's notes."""
+
     search_space: ClassVar[dict] = {}
     """What `qgmil tune` may vary of this architecture besides the learning rate and weight decay: config field ->
     `search.Float | Int | Choice`. A preset's own fields are left out (they are what the preset is)."""

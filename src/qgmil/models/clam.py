@@ -132,6 +132,7 @@ class CLAM(MILModel):
 
     arch = "clam"
     Config = CLAMConfig
+    class_label_losses = ("instance",)  # need class labels: classification only
     search_space = {"dropout": DROPOUT, "k_sample": Choice((4, 8, 16)), "inst_weight": Float(0.1, 1.0)}
     branches_are_classes = True  # CLAM-MB: one attention branch per class
     has_unused_parameters = True  # only the instance classifiers of the bag's class train in a step

@@ -124,6 +124,7 @@ class DSMIL(MILModel):
 
     arch = "dsmil"
     Config = DSMILConfig
+    class_label_losses = ("max_instance_ce",)  # need class labels: classification only
     search_space = {"dropout": DROPOUT, "embed_dim": Choice((None, 128, 256))}
     tags = ("baseline", "multi_branch")
     branches_are_classes = True  # one critical-instance attention per class

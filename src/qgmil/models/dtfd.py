@@ -162,6 +162,7 @@ class DTFDMIL(MILModel):
 
     arch = "dtfd_mil"
     Config = DTFDConfig
+    class_label_losses = ("tier1_ce",)  # need class labels: classification only
     search_space = {"dropout": DROPOUT, "num_groups": Choice((2, 4, 8))}
 
     def __init__(self, config: DTFDConfig):

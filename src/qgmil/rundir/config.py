@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ..data.bagfile import BagLimits
 from ..data.table import Columns
+from ..task_specs import DEFAULT_MONITOR, KINDS, LOSSES, PER_LABEL, missing_libraries, monitor_names
 
 
 MAX_YAML_BYTES = 1 << 20  # a run config or benchmark spec is a few kB
@@ -107,15 +108,12 @@ class DataConfig(_Section):
         return self
 
 
-LOSSES = {"classification": ("ce",), "survival": ("cox", "nll"), "regression": ("mse", "huber"), "multilabel": ("bce",)}
-
-
 class TaskConfig(_Section):
     """What the run predicts. `task: survival` is short for `task: {kind: survival}`. The targets' columns are
     named in data.columns (survival: time, event; regression: targets, default the label column; multi-label:
     targets as 0/1 columns, or the label column with names joined by label_sep)."""
 
-    kind: Literal["classification", "survival", "regression", "multilabel"] = "classification"
+    kind: Literal[KINDS] = "classification"
     loss: str | None = Field(None, description="classification: ce; survival: cox (default) or nll (discrete time); "
                              "regression: mse (default) or huber; multilabel: bce; null: the task's default")
     time_bins: int = Field(4, ge=2, le=64, description="survival with loss nll: intervals cut at event-time quantiles")
@@ -134,8 +132,6 @@ class TaskConfig(_Section):
         elif self.loss not in allowed:
             raise ValueError(f"loss {self.loss!r} is not one of task {self.kind}'s: {', '.join(allowed)}")
         if self.kind == "survival":
-            from ..tasks.survival import require_libraries
-
             try:
                 require_libraries()
             except ImportError as err:  # a ValueError is reported as a config error naming task.kind
@@ -289,16 +285,26 @@ class RunConfig(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
-    def _monitor_of_task(self):
-        from ..tasks import TASKS
+    def _task_fits(self):
+        """A built-in dataset made for a task sets it (given another: an error); eval.monitor is the task's."""
+        from ..data.builtin import dataset_info
 
-        task = TASKS[self.task.kind]
+        try:
+            made_for = dataset_info(self.data.builtin).task if self.data.builtin else None
+        except ValueError:  # an unknown name: reported where the dataset is prepared, with the known ones
+            made_for = None
+        if made_for is not None and made_for != self.task.kind:
+            if "task" in self.model_fields_set:
+                raise ValueError(f"task.kind {self.task.kind}: built-in dataset {self.data.builtin} holds {made_for} "
+                                 f"targets (use --task {made_for}, or another dataset)")
+            self.__dict__["task"] = TaskConfig(kind=made_for)
         if self.task.kind != "classification" and self.optim.class_balanced_sampling:
             raise ValueError(f"optim.class_balanced_sampling: there are no classes to balance in task {self.task.kind}")
         if self.eval.monitor is None:
-            self.eval.__dict__["monitor"] = task.default_monitor
-        known = monitor_names(self.task.kind, self.eval.ordinal)
-        if self.eval.monitor not in known and not self.eval.monitor.startswith(("auroc_", "f1_")):
+            self.eval.__dict__["monitor"] = DEFAULT_MONITOR[self.task.kind]
+        known = monitor_names(self.task.kind)
+        per_label = self.task.kind == "multilabel" and self.eval.monitor.startswith(PER_LABEL)
+        if self.eval.monitor not in known and not per_label:
             raise ValueError(f"eval.monitor {self.eval.monitor!r} is not a metric of task {self.task.kind} "
                              f"({', '.join(known)})")
         return self
@@ -324,17 +330,6 @@ class RunConfig(_Section):
         if self.eval.splits is not None:
             update["eval"] = self.eval.model_copy(update={"splits": self.eval.splits.resolve()})
         return self.model_copy(update=update)
-
-
-def monitor_names(kind: str, ordinal: bool = False) -> tuple[str, ...]:
-    """The metrics eval.monitor may name for a task (multi-label also takes auroc_<label> and f1_<label>)."""
-    from ..evaluate.metrics import metric_names
-    from ..tasks import multilabel, regression, survival
-
-    names = {"classification": tuple(m for m in metric_names(ordinal) if m not in ("ece", "brier")) + ("nll",),
-             "survival": tuple(survival.HIGHER), "regression": tuple(regression.HIGHER),
-             "multilabel": tuple(multilabel.HIGHER)}[kind]
-    return tuple(dict.fromkeys(names + ("loss",)))
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

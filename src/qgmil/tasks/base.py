@@ -20,14 +20,14 @@ import torch
 
 
 class Task:
-    """Base class. Subclasses set `kind`, `monitors` and implement the methods below.
+    """Base class. Subclasses set `kind` (a `task_specs.KINDS` entry, whose metrics and default monitor are listed
+    there) and implement the methods below.
 
     Shapes: n bags; targets (n, T) float64 as `targets_of` gives them (classification: (n,) int class
     indices); logits (n, out_dim); outputs (n, O) float64 as `decode` gives them.
     """
 
     kind: ClassVar[str]
-    default_monitor: ClassVar[str]
     loss_metric: ClassVar[str] = "loss"
     """The metric that is the validation loss (lower is better): early stopping's tie-break."""
 

@@ -14,7 +14,6 @@ from .base import Task
 
 class Classification(Task):
     kind = "classification"
-    default_monitor = "macro_f1"
     loss_metric = "nll"
     needs_class_labels = True
 

@@ -10,14 +10,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..task_specs import HIGHER_IS_BETTER
 from .base import Task, patient_conflicts
 
-HIGHER = {"macro_auroc": True, "micro_auroc": True, "macro_f1": True, "micro_f1": True, "loss": False}
+HIGHER = HIGHER_IS_BETTER["multilabel"]
 
 
 class MultiLabel(Task):
     kind = "multilabel"
-    default_monitor = "macro_auroc"
     bootstrap_metrics = ("macro_auroc", "macro_f1")
 
     def __init__(self, config, names, state=None, *, class_weights: bool = True):

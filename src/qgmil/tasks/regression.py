@@ -10,14 +10,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..task_specs import HIGHER_IS_BETTER
 from .base import Task, number_problems, patient_conflicts, quantile_bins
 
-HIGHER = {"mae": False, "rmse": False, "r2": True, "pearson": True, "spearman": True, "loss": False}
+HIGHER = HIGHER_IS_BETTER["regression"]
 
 
 class Regression(Task):
     kind = "regression"
-    default_monitor = "r2"
     bootstrap_metrics = ("mae", "rmse", "r2")
 
     @staticmethod

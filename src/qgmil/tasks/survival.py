@@ -20,19 +20,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..task_specs import HIGHER_IS_BETTER
 from .base import Task, number_problems, patient_conflicts, quantile_bins
 
-HIGHER = {"c_index": True, "c_index_uno": True, "td_auc": True, "logrank_p": False, "loss": False}
-EXTRA = "pip install 'qgmil[survival]' (scikit-survival and lifelines)"
-
-
-def require_libraries() -> None:
-    """ImportError naming the extra when scikit-survival or lifelines is missing."""
-    try:
-        import lifelines  # noqa: F401
-        import sksurv  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"task survival needs scikit-survival and lifelines ({err}); {EXTRA}") from None
+HIGHER = HIGHER_IS_BETTER["survival"]
 
 
 def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
@@ -59,7 +50,6 @@ def discrete_nll(logits: torch.Tensor, interval: torch.Tensor, event: torch.Tens
 
 class Survival(Task):
     kind = "survival"
-    default_monitor = "c_index"
     bootstrap_metrics = ("c_index",)
 
     @staticmethod

@@ -25,7 +25,7 @@ from .. import __version__
 from ..data import DataError, Fold, MILDataset, Splits, check_dataset, load_or_make_splits, prepare_dataset, read_attrs
 from ..evaluate.report import write_report
 from ..data.table import read_table
-from ..models import create_model
+from ..models import create_model, model_entry
 from ..rundir import RunConfig, RunDir, RunDirError
 from ..runtime import Dist, barrier, broadcast, init_distributed
 from ..tasks import Task, make_task, parse_targets, target_columns
@@ -129,6 +129,15 @@ def _validate(config: RunConfig, run: RunDir, data: MILDataset, task: Task, spli
                         f"built for {data.in_dim}-dim features and {task.out_dim} outputs ({err})")
     if problems:
         raise DataError(problems, f"{run.root}: the run cannot start")
+
+
+def task_notes(config: RunConfig) -> list[str]:
+    """What the task changes about the model's training (class-label auxiliary losses off), for run.json."""
+    losses = model_entry(config.model.name).arch.class_label_losses
+    if config.task.kind == "classification" or not losses:
+        return []
+    return [f"{config.model.name}: auxiliary loss(es) {', '.join(losses)} need class labels and are off for task "
+            f"{config.task.kind} (the model trains on the task's loss alone)"]
 
 
 def _take_lock(run: RunDir, ctx: Dist, hold: contextlib.ExitStack) -> None:
@@ -269,7 +278,11 @@ def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: lis
         facts = run.read_facts() if run.run_json.exists() else {
             "command": command or sys.argv, "cwd": os.getcwd(), "started": now, "world_size": ctx.world,
             "versions": _versions(), "classes": data.classes, "in_dim": data.in_dim, "provenance": provenance(data),
-            "bag_unit": config.data.bag_unit, "n_bags": len(data), "task": task.kind, "targets": task.names}
+            "bag_unit": config.data.bag_unit, "n_bags": len(data), "task": task.kind, "targets": task.names,
+            "notes": task_notes(config)}
+        if not resume:
+            for note in facts.get("notes", []):
+                print(f"note: {note}", file=sys.stderr)
         if resume:
             facts.setdefault("resumed", []).append({"at": now, "command": command or sys.argv})
         run.write_facts(facts)

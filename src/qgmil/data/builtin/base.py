@@ -43,6 +43,8 @@ class BuiltinDataset:
     description: str
     classes: list[str] | None
     defaults: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
+    """The run config's task.kind its targets are for (its labels.csv has that task's default columns)."""
 
 
 @dataclass
@@ -56,6 +58,7 @@ class _Record:
     coords: np.ndarray | None = None
     instance_labels: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)  # more labels.csv columns (e.g. survival's time, event)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .base import BuiltinDataset, _Entry
 
 @cache
 def _registry() -> dict[str, _Entry]:
-    entries = [digits.ENTRY, synthetic_wsi.ENTRY, *classic.entries()]
+    entries = [digits.ENTRY, *digits.TASK_ENTRIES, synthetic_wsi.ENTRY, *classic.entries()]
     return {e.info.name: e for e in sorted(entries, key=lambda e: e.info.name)}
 
 
@@ -174,18 +174,18 @@ def prepare_dataset(
         attrs = {"builtin_dataset": name, **rec.attrs}
         path = features_dir / f"{rec.bag_id}.h5"
         write_bag(path, rec.features, rec.coords, coord_unit="px", attrs=attrs, extras=extras)
-        rows.append((rec.bag_id, rec.label, rec.patient_id))
+        rows.append({"bag_id": rec.bag_id, "label": rec.label, "patient_id": rec.patient_id, **rec.columns})
         num_instances += len(rec.features)
         dim, dtype = int(rec.features.shape[1]), str(rec.features.dtype)
 
-    new_ids = {r[0] for r in rows}
+    new_ids = {r["bag_id"] for r in rows}
     stale = {features_dir / f"{b}.h5" for b in old_ids if b not in new_ids}
     stale |= {p for p in features_dir.glob("*.h5") if p.stem not in new_ids and _written_by_us(p)}
     for path in stale:
         path.unlink(missing_ok=True)
 
-    labels = pd.DataFrame(rows, columns=["bag_id", "label", "patient_id"])
-    classes = entry.info.classes or sorted(set(labels["label"]))
+    labels = pd.DataFrame(rows)
+    classes = entry.info.classes or (sorted(set(labels["label"])) if entry.info.task == "classification" else [])
     info = {
         "name": name,
         "description": entry.info.description,
@@ -197,6 +197,7 @@ def prepare_dataset(
         "num_instances": num_instances,
         "feature_dim": dim,
         "feature_dtype": dtype,
+        "task": entry.info.task,
         "label_counts": {c: int((labels["label"] == c).sum()) for c in classes},
         "source": plan.source,
         "qgmil_version": __version__,
