@@ -250,8 +250,11 @@ def test_auxiliary_losses_composition_and_weights():
     out2 = weighted.train()(x, mask, labels=labels)
     torch.testing.assert_close(out2.aux_losses["branch_ce"], 0.5 * out.aux_losses["branch_ce"])
     torch.testing.assert_close(out2.aux_losses["diversity"], 2.0 * out.aux_losses["diversity"])
-    # No labels, or eval mode: no auxiliary loss.
-    assert model(x, mask).aux_losses == {}
+    # No labels (the tasks other than classification): the diversity term alone; eval mode: no auxiliary loss.
+    torch.manual_seed(0)
+    unlabelled = model(x, mask).aux_losses
+    assert list(unlabelled) == ["diversity"]
+    torch.testing.assert_close(unlabelled["diversity"], out.aux_losses["diversity"])
     assert model.eval()(x, mask, labels=labels).aux_losses == {}
 
 

@@ -143,8 +143,9 @@ def test_official_weighting_and_defaults():
     assert [tuple(c.weight.shape) for c in mb.classifiers] == [(1, 512)] * 4
     assert len(mb.instance_classifiers) == 4
     assert qgmil.create_model("clam_sb", in_dim=8, num_classes=2, gated=False).pool.attn_u is None
-    with pytest.raises(ValueError, match="num_classes"):
-        qgmil.create_model("clam_sb", in_dim=8, num_classes=1)
+    single = qgmil.create_model("clam_mb", in_dim=8, num_classes=1).train()  # one output: a survival risk
+    out = single(torch.randn(5, 8), labels=torch.tensor([0]))
+    assert out.logits.shape == (1, 1) and out.aux_losses == {}  # no classes: no instance clustering
     with pytest.raises(ValueError, match="inst_weight"):
         CLAMConfig(in_dim=8, num_classes=2, inst_weight=-1)
     with pytest.raises(ValueError, match="k_sample"):

@@ -93,7 +93,7 @@ def _task_of(path: Path, meta: dict) -> Task:
             raise DataError([f"{path}: unreadable extra.task ({err})"]) from None
     if extra.get("classes") is None:
         raise DataError([f"{path}: checkpoint without a class list (extra.classes)"])
-    return Classification(TaskConfig(), extra["classes"])
+    return Classification(TaskConfig(kind="classification"), extra["classes"])
 
 
 def _target_columns(task: Task, columns: Columns) -> Columns | None:

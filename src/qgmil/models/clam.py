@@ -61,11 +61,8 @@ initialisation (the current official model code calls no custom init).
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from ..layers import AttentionPool, InstanceEmbed, map_instances
@@ -78,8 +75,6 @@ OFFICIAL_BAG_WEIGHT = 0.7
 
 
 class CLAMConfig(ModelConfig):
-    num_classes: Annotated[int, Field(ge=2)]
-    """At least 2: CLAM has one instance classifier per class."""
     multi_branch: bool = False
     """CLAM-MB (one attention branch and one bag classifier per class) instead of CLAM-SB."""
     dim: PositiveInt = 512
@@ -169,7 +164,8 @@ class CLAM(MILModel):
         rows = torch.arange(x.shape[0], device=x.device)
         shown = logits.detach().argmax(1) if self.config.multi_branch else torch.zeros_like(rows)
         aux = {}
-        if self.training and labels is not None and self.config.inst_weight > 0:
+        # one output (a survival risk, one regression target) has no classes to cluster instances into
+        if self.training and labels is not None and self.config.inst_weight > 0 and self.config.num_classes > 1:
             aux["instance"] = self.config.inst_weight * self.instance_loss(h, scores, mask, labels)
         return MILOutput(
             logits=logits,

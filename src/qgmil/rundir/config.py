@@ -113,7 +113,8 @@ class TaskConfig(_Section):
     named in data.columns (survival: time, event; regression: targets, default the label column; multi-label:
     targets as 0/1 columns, or the label column with names joined by label_sep)."""
 
-    kind: Literal[KINDS] = "classification"
+    kind: Literal[KINDS] | None = Field(None, description="null: classification, or the task a built-in dataset "
+                                        "is made for")
     loss: str | None = Field(None, description="classification: ce; survival: cox (default) or nll (discrete time); "
                              "regression: mse (default) or huber; multilabel: bce; null: the task's default")
     time_bins: int = Field(4, ge=2, le=64, description="survival with loss nll: intervals cut at event-time quantiles")
@@ -126,16 +127,16 @@ class TaskConfig(_Section):
 
     @model_validator(mode="after")
     def _loss_of_kind(self):
+        if self.kind is None:  # resolved by the run config (RunConfig._task_fits), which validates again
+            return self
         allowed = LOSSES[self.kind]
         if self.loss is None:
             self.__dict__["loss"] = allowed[0]  # set without re-validating
         elif self.loss not in allowed:
             raise ValueError(f"loss {self.loss!r} is not one of task {self.kind}'s: {', '.join(allowed)}")
-        if self.kind == "survival":
-            try:
-                require_libraries()
-            except ImportError as err:  # a ValueError is reported as a config error naming task.kind
-                raise ValueError(str(err)) from None
+        missing = missing_libraries(self.kind)
+        if missing:
+            raise ValueError(missing)
         return self
 
 
@@ -293,11 +294,11 @@ class RunConfig(_Section):
             made_for = dataset_info(self.data.builtin).task if self.data.builtin else None
         except ValueError:  # an unknown name: reported where the dataset is prepared, with the known ones
             made_for = None
-        if made_for is not None and made_for != self.task.kind:
-            if "task" in self.model_fields_set:
-                raise ValueError(f"task.kind {self.task.kind}: built-in dataset {self.data.builtin} holds {made_for} "
-                                 f"targets (use --task {made_for}, or another dataset)")
-            self.__dict__["task"] = TaskConfig(kind=made_for)
+        if self.task.kind is None:
+            self.__dict__["task"] = TaskConfig(**{**self.task.model_dump(), "kind": made_for or "classification"})
+        elif made_for is not None and made_for != self.task.kind:
+            raise ValueError(f"task.kind {self.task.kind}: built-in dataset {self.data.builtin} holds {made_for} "
+                             f"targets (use --task {made_for}, or another dataset)")
         if self.task.kind != "classification" and self.optim.class_balanced_sampling:
             raise ValueError(f"optim.class_balanced_sampling: there are no classes to balance in task {self.task.kind}")
         if self.eval.monitor is None:
