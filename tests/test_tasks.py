@@ -58,7 +58,7 @@ def test_cox_loss_without_events_is_zero_and_differentiable():
     risk = torch.tensor([0.1, 0.2], requires_grad=True)
     loss = cox_loss(risk, torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
     loss.backward()
-    assert float(loss) == 0.0 and torch.equal(risk.grad, torch.zeros(2))
+    assert float(loss.detach()) == 0.0 and torch.equal(risk.grad, torch.zeros(2))
 
 
 def test_discrete_time_nll_is_the_likelihood_of_the_hazards():
@@ -335,6 +335,13 @@ def test_survival_run_learns_the_witnesses_and_reports_c_index_and_kaplan_meier(
     facts = json.loads((out / "run.json").read_text())
     assert facts["task"] == "survival" and facts["targets"] == ["time", "event"]
 
+    # the attention is the same object for every task: where it goes is measured against the witnesses
+    result = CliRunner().invoke(main, ["explain", "mass", str(out), "--out", str(tmp_path / "mass")])
+    assert result.exit_code == 0, result.output
+    mass = pd.read_csv(tmp_path / "mass" / "mass_per_bag.csv")
+    with_witnesses = mass[mass["n_positive"] > 0]
+    assert len(mass) == 300 and with_witnesses["instance_auroc"].mean() > 0.6  # the 9s get more attention
+
     # predictions on new bags: the fold models' risks averaged, scored when the table has time and event
     table = tmp_path / "new.csv"
     pd.read_csv(out / "data" / "digit-bags-survival" / "labels.csv").head(40).drop(columns=["label"]).to_csv(table, index=False)
@@ -377,3 +384,19 @@ def test_class_label_losses_are_off_for_other_tasks_with_a_note(tmp_path):
     notes = json.loads((out / "run.json").read_text())["notes"]
     assert notes == ["clam_sb: auxiliary loss(es) instance need class labels and are off for task regression "
                      "(the model trains on the task's loss alone)"]
+
+
+def test_tuning_optimises_the_tasks_metric(tmp_path):
+    optuna = pytest.importorskip("optuna", reason="qgmil tune needs optuna (pip install 'qgmil[tune]')")
+    from qgmil.rundir import RunDir
+
+    out = tmp_path / "tuned"
+    result = CliRunner().invoke(main, ["tune", "--dataset", "digit-bags-regression", "--model", "abmil_gated",
+                                       "--trials", "2", "--folds", "2", "--epochs", "2", "--quiet", "--set",
+                                       "data.builtin_options.bags=60", "--set", "eval.bootstrap=10", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="seed0-fold0", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(RunDir(out).study_journal))))
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE  # r2: higher is better
+    assert len(study.trials) == 2 and all(-10 < t.value <= 1 for t in study.trials)
+    assert "r2" in json.loads((out / "summary.json").read_text())

@@ -100,7 +100,7 @@ class Survival(Task):
 
     def interval(self, time: torch.Tensor) -> torch.Tensor:
         cuts = torch.tensor(self.state["cuts"], dtype=time.dtype, device=time.device)
-        return torch.bucketize(time, cuts, right=True)
+        return torch.bucketize(time.contiguous(), cuts, right=True)
 
     def loss(self, logits, batch):
         time, event = batch.targets[:, 0], batch.targets[:, 1]
