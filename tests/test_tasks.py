@@ -400,3 +400,10 @@ def test_tuning_optimises_the_tasks_metric(tmp_path):
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE  # r2: higher is better
     assert len(study.trials) == 2 and all(-10 < t.value <= 1 for t in study.trials)
     assert "r2" in json.loads((out / "summary.json").read_text())
+
+
+def test_benchmark_refuses_other_tasks_before_running_anything(tmp_path):
+    result = CliRunner().invoke(main, ["benchmark", "--datasets", "digit-bags-survival", "--models", "qgmil",
+                                       "--out", str(tmp_path / "bench")])
+    assert result.exit_code != 0 and "classification tables only so far" in result.output
+    assert not (tmp_path / "bench" / "runs").exists()

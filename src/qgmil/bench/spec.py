@@ -290,6 +290,10 @@ def plan_cells(spec: BenchSpec, out: str | Path, *, progress: bool = False) -> l
                     check_space(config)
             except ConfigError as err:
                 raise BenchmarkError(f"{label} on {dataset}: {err}".replace("command line: ", "")) from None
+            if config.task.kind != "classification":  # its tables, tests and plots read classification metrics
+                raise BenchmarkError(f"dataset {dataset}: task {config.task.kind}; `qgmil benchmark` builds "
+                                     "classification tables only so far (train or tune each model with `qgmil train "
+                                     f"--task {config.task.kind}` / `qgmil tune`)")
             cells.append(Cell(len(cells), dataset, label, model.name, config, out / "runs" / dataset / label,
                               tuned=spec.tune is not None))
     return cells
