@@ -190,7 +190,7 @@ def test_instance_embed_and_classifier_head_formulas():
 BAD_VALUES = {
     "abmil": dict(dim=0, attn_dim=0, dropout=1.0),
     "pooling_mil": dict(dim=0, dropout=-0.1),
-    "clam": dict(num_classes=1, dim=0, attn_dim=0, dropout=1.0, k_sample=0, inst_weight=-1.0),
+    "clam": dict(dim=0, attn_dim=0, dropout=1.0, k_sample=0, inst_weight=-1.0),
     "acmil": dict(dim=0, attn_dim=0, n_token=0, n_masked_patch=-1, mask_drop=1.0, dropout=-0.1,
                   branch_loss_weight=float("nan"), diversity_weight=-1.0),
     "dtfd_mil": dict(dim=0, attn_dim=0, num_groups=0, distill_k=0, res_layers=-1, dropout=1.0, dropout_tier2=1.0,
