@@ -34,11 +34,10 @@ class Regression(Task):
             problems += found
             values.append(column)
         values = np.stack(values, axis=1)
-        for row, value in zip(table["row"], values):
-            if np.isnan(value).any() and len(problems) < 1000:
-                missing = [n for n, v in zip(names, value) if np.isnan(v)]
-                if not any(f"row {row}:" in p for p in problems):
-                    problems.append(f"{source} row {row}: missing {', '.join(missing)}")
+        for row, cells in zip(table["row"], zip(*(table[f"raw:{n}"] for n in names))):
+            missing = [n for n, cell in zip(names, cells) if cell is None]  # bad cells are reported above
+            if missing:
+                problems.append(f"{source} row {row}: missing {', '.join(missing)}")
         table["target"] = pd.Series([None if np.isnan(v).any() else tuple(map(float, v)) for v in values], dtype=object)
         for name, column in zip(names, values.T):
             known = column[~np.isnan(column)]
