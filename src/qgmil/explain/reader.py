@@ -108,7 +108,7 @@ def load_run(run_dir: str | Path) -> RunAttention:
         raise ExplainError(f"{run_dir}: no {_attention_files_label(rundir)} "
                            "(was the run trained with eval.save_attention=false?)")
     config = rundir.read_config()
-    classes = rundir.classes or None  # tasks other than classification have none: the table's labels are not read
+    classes = rundir.classes or None  # other tasks have no classes: any label column is read as it is written
     dataset, table, features = rundir.dataset_source(config)
     if "label" not in predictions:  # survival, regression, multi-label: the attention is the same object
         predictions = predictions.assign(label=None)
