@@ -7,6 +7,7 @@ and feature extraction all run through it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -97,7 +98,15 @@ def init_distributed(device_name: str = "auto") -> Dist:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # closed before the interpreter exits: a process group left to die with it can abort the process
+        # ("terminate called without an active exception") after the run has finished
+        atexit.register(_close_process_group)
     return Dist(rank, world, device)
+
+
+def _close_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_gather(obj, ctx: Dist) -> list:
