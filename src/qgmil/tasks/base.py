@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..task_specs import HIGHER_IS_BETTER
+
 
 class Task:
     """Base class. Subclasses set `kind` (a `task_specs.KINDS` entry, whose metrics and default monitor are listed
@@ -62,7 +64,8 @@ class Task:
 
     @property
     def out_dim(self) -> int:
-        raise NotImplementedError
+        """Model outputs: one per name (class, target or label) unless the task says otherwise."""
+        return len(self.names)
 
     def fit(self, data) -> "Task":
         """This task fitted on a training part (a copy; the fitted state is in `state`)."""
@@ -83,10 +86,10 @@ class Task:
     # --- results -------------------------------------------------------------------------------------
 
     def metric_names(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        return tuple(HIGHER_IS_BETTER[self.kind])
 
     def higher_is_better(self, metric: str) -> bool:
-        raise NotImplementedError
+        return HIGHER_IS_BETTER[self.kind][metric]
 
     def metrics(self, targets: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
         raise NotImplementedError

@@ -37,10 +37,6 @@ class Classification(Task):
     def targets_of(self, data) -> np.ndarray:
         return data.labels
 
-    @property
-    def out_dim(self) -> int:
-        return len(self.names)
-
     def loss(self, logits, batch):
         weight = self.state.get("class_weights")
         weight = None if weight is None else torch.tensor(weight, dtype=torch.float32, device=logits.device)

@@ -68,10 +68,6 @@ class MultiLabel(Task):
         table["label"] = pd.Series([None] * len(table), dtype=object)
         return names, problems
 
-    @property
-    def out_dim(self):
-        return len(self.names)
-
     def _fitted_state(self, data):
         if not self.use_weights:
             return {}

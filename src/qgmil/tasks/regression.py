@@ -52,10 +52,6 @@ class Regression(Task):
         table["label"] = pd.Series([None] * len(table), dtype=object)
         return names, problems
 
-    @property
-    def out_dim(self):
-        return len(self.names)
-
     def _fitted_state(self, data):
         targets = data.targets
         std = targets.std(axis=0)
@@ -78,12 +74,6 @@ class Regression(Task):
     def decode(self, logits):
         mean, std = self._scale(logits.device)
         return logits.float() * std + mean
-
-    def metric_names(self):
-        return tuple(HIGHER)
-
-    def higher_is_better(self, metric):
-        return HIGHER[metric]
 
     def metrics(self, targets, outputs, only=None):
         from scipy.stats import pearsonr, spearmanr

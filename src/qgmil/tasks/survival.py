@@ -115,12 +115,6 @@ class Survival(Task):
         survival = F.logsigmoid(-logits).cumsum(1).exp()
         return torch.cat([-survival.sum(1, keepdim=True), survival], 1)
 
-    def metric_names(self):
-        return tuple(HIGHER)
-
-    def higher_is_better(self, metric):
-        return HIGHER[metric]
-
     def metrics(self, targets, outputs, only=None):
         from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc
         from sksurv.util import Surv
