@@ -15,12 +15,31 @@ LOSSES = {"classification": ("ce",), "survival": ("cox", "nll"), "regression": (
 HIGHER_IS_BETTER = {
     "classification": {"macro_f1": True, "balanced_accuracy": True, "accuracy": True, "auroc": True, "kappa": True,
                        "kappa_quadratic": True, "ece": False, "brier": False, "nll": False},
-    "survival": {"c_index": True, "c_index_uno": True, "td_auc": True, "logrank_p": False, "loss": False},
+    "survival": {"c_index": True, "c_index_uno": True, "td_auc": True, "ibs": False, "logrank_p": False,
+                 "loss": False},
     "regression": {"mae": False, "rmse": False, "r2": True, "pearson": True, "spearman": True, "loss": False},
     "multilabel": {"macro_auroc": True, "micro_auroc": True, "macro_f1": True, "micro_f1": True, "loss": False},
 }
 #: multi-label also reports (and may monitor) one metric per label: auroc_<label>, f1_<label>
 PER_LABEL = ("auroc_", "f1_")
+
+#: the metrics a benchmark tabulates per kind, the main one (what gains, ranks and tests compare) first
+TABLE_METRICS = {
+    "classification": ("macro_f1", "auroc", "balanced_accuracy", "ece", "brier"),
+    "survival": ("c_index", "c_index_uno", "td_auc", "ibs"),
+    "regression": ("r2", "mae", "rmse", "spearman"),
+    "multilabel": ("macro_auroc", "micro_auroc", "macro_f1", "micro_f1"),
+}
+
+#: how tables and plots name a metric
+METRIC_LABELS = {
+    "macro_f1": "Macro-F1", "auroc": "AUROC", "balanced_accuracy": "Balanced accuracy", "accuracy": "Accuracy",
+    "kappa": "Cohen's kappa", "kappa_quadratic": "Quadratic kappa", "ece": "ECE", "brier": "Brier score",
+    "nll": "NLL", "c_index": "C-index (Harrell)", "c_index_uno": "C-index (Uno)", "td_auc": "Time-dependent AUC",
+    "ibs": "Integrated Brier score", "logrank_p": "Log-rank p", "mae": "MAE", "rmse": "RMSE", "r2": "R²",
+    "pearson": "Pearson r", "spearman": "Spearman ρ", "macro_auroc": "Macro AUROC", "micro_auroc": "Micro AUROC",
+    "micro_f1": "Micro-F1", "loss": "Loss",
+}
 
 DEFAULT_MONITOR = {"classification": "macro_f1", "survival": "c_index", "regression": "r2", "multilabel": "macro_auroc"}
 
