@@ -129,7 +129,8 @@ TASK_CASES = {  # kind -> (task config, target names)
 def _fitted(case: str, targets: np.ndarray):
     config, names = TASK_CASES[case]
     cls = {"survival": Survival, "regression": Regression, "multilabel": MultiLabel}[config.kind]
-    return cls(config, names).fit(_Part(targets))
+    part = _Part(targets)
+    return cls(config, names).for_run(part).fit(part)
 
 
 class _Part(list):
@@ -171,7 +172,8 @@ def test_every_model_learns_every_task_and_ignores_padding(name, case):
         outputs = task.decode(model(x, mask).logits)
         alone = torch.cat([task.decode(model(b).logits) for b in bags])
         before = float(task.loss(model(x, mask).logits, batch))
-    width = {"cox": 1, "nll": 4, "mse": 2, "huber": 2, "bce": 3}[case]  # nll: the risk, then S per interval
+    # nll: the risk, then S at each evaluation time (cox too once calibrated: test_cox_survival_curves_...)
+    width = {"cox": 1, "nll": 1 + len(task.state.get("times", [])), "mse": 2, "huber": 2, "bce": 3}[case]
     assert outputs.shape == (8, width) and torch.isfinite(outputs).all()
     if model.permutation_invariant:
         torch.testing.assert_close(outputs, alone, rtol=1e-4, atol=1e-4)
@@ -201,8 +203,43 @@ def test_discrete_time_bins_are_cut_at_the_training_event_times():
     targets = np.array([[1.0, 1], [2.0, 1], [3.0, 1], [4.0, 1], [100.0, 0]])  # the censored time is not a cut
     task = _fitted("nll", targets)
     assert len(task.state["cuts"]) == 2 and max(task.state["cuts"]) < 4
-    survival = task.decode(torch.zeros(2, 3))[:, 1:]
-    torch.testing.assert_close(survival[0], torch.tensor([0.5, 0.25, 0.125]))
+    outputs = task.decode(torch.zeros(2, 3))  # every hazard 1/2: S is 1/2, 1/4, 1/8 at the intervals' ends
+    assert outputs[0, 0] == pytest.approx(-(0.5 + 0.25 + 0.125))
+    # S(t) at the evaluation times (10th-90th percentiles of the event times): halved at each cut passed
+    times = np.array(task.state["times"])
+    assert len(times) == 9 and times.min() > 1 and times.max() < 4
+    expected = 0.5 ** (times[:, None] >= np.array(task.state["cuts"])[None, :]).sum(1)
+    torch.testing.assert_close(outputs[0, 1:], torch.tensor(expected, dtype=torch.float32))
+
+
+def test_cox_survival_curves_use_breslows_baseline_hazard_of_the_validation_bags():
+    targets = np.array([[1.0, 1], [2.0, 0], [3.0, 1], [3.0, 1], [5.0, 1], [6.0, 0]])
+    risk = np.array([0.5, -0.2, 0.1, 0.3, -1.0, 0.0])
+    task = _fitted("cox", targets)
+    assert task.decode(torch.zeros(1, 1)).shape == (1, 1)  # no baseline yet: the risk alone
+    calibrated = task.calibrate(targets, risk[:, None])
+    # Breslow by hand: H0(t) = sum over event times s <= t of d(s) / sum of exp(risk) of those at risk at s
+    time, event, weight = targets[:, 0], targets[:, 1] > 0, np.exp(risk)
+    steps = {s: event[time == s].sum() / weight[time >= s].sum() for s in np.unique(time[event])}
+    times = np.array(task.state["times"])
+    hazard = np.array([sum(v for s, v in steps.items() if s <= t) for t in times])
+    np.testing.assert_allclose(calibrated.state["baseline_hazard"], hazard, rtol=1e-6)
+    outputs = calibrated.decode(torch.tensor([[0.0], [1.0]])).numpy()
+    np.testing.assert_allclose(outputs[:, 1:], np.exp(-hazard[None, :] * np.exp([[0.0], [1.0]])), rtol=1e-5)
+    assert (np.diff(outputs[:, 1:], axis=1) <= 0).all() and (outputs[1, 1:] <= outputs[0, 1:]).all()
+
+
+def test_integrated_brier_score_is_zero_for_a_perfect_forecast_and_a_quarter_for_a_coin():
+    rng = np.random.default_rng(0)
+    targets = np.stack([rng.uniform(1, 10, 200), np.ones(200)], 1)  # uncensored: the Brier score is plain
+    task = _fitted("cox", targets)
+    times = np.array(task.state["times"])
+    risk = -targets[:, :1]
+    perfect = np.hstack([risk, (targets[:, :1] > times[None, :]).astype(float)])  # S(t) = 1 until the event
+    assert task.metrics(targets, perfect)["ibs"] == pytest.approx(0.0, abs=1e-9)
+    coin = np.hstack([risk, np.full((200, len(times)), 0.5)])
+    assert task.metrics(targets, coin)["ibs"] == pytest.approx(0.25, abs=1e-9)
+    assert math.isnan(task.metrics(targets, risk)["ibs"])  # the risk alone: no survival curve to score
 
 
 # --- tables: targets read, bad ones refused by name ------------------------------------------------------
@@ -334,6 +371,14 @@ def test_survival_run_learns_the_witnesses_and_reports_c_index_and_kaplan_meier(
     assert {"time", "event", "risk"} <= set(predictions.columns) and len(predictions) == 300
     facts = json.loads((out / "run.json").read_text())
     assert facts["task"] == "survival" and facts["targets"] == ["time", "event"]
+    # S(t | bag) from each fold's Breslow baseline: falling over time, lower for higher risk, better than a coin
+    curves = predictions[[f"survival_t{t:g}" for t in facts["task_state"]["times"]]].to_numpy()
+    assert ((curves >= 0) & (curves <= 1)).all() and (np.diff(curves, axis=1) <= 1e-9).all()
+    for _, fold in predictions.groupby(["seed", "fold"]):
+        order = fold["risk"].argsort().to_numpy()
+        fold_curves = fold[[f"survival_t{t:g}" for t in facts["task_state"]["times"]]].to_numpy()
+        assert (np.diff(fold_curves[order], axis=0) <= 1e-9).all()
+    assert summary["ibs"]["mean"] < 0.2, summary["ibs"]
 
     # the attention is the same object for every task: where it goes is measured against the witnesses
     result = CliRunner().invoke(main, ["explain", "mass", str(out), "--out", str(tmp_path / "mass")])
@@ -349,7 +394,8 @@ def test_survival_run_learns_the_witnesses_and_reports_c_index_and_kaplan_meier(
                                        str(out / "data" / "digit-bags-survival" / "features"), "--out", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
     new = pd.read_csv(tmp_path / "p" / "predictions.csv")
-    assert list(new.columns) == ["bag_id", "patient_id", "time", "event", "risk"]
+    assert list(new.columns[:5]) == ["bag_id", "patient_id", "time", "event", "risk"]
+    assert list(new.columns[5:]) == [f"survival_t{t:g}" for t in facts["task_state"]["times"]]
     assert json.loads((tmp_path / "p" / "metrics.json").read_text())["c_index"] > 0.6
 
 
@@ -357,10 +403,10 @@ def test_discrete_time_survival_writes_survival_curves(tmp_path):
     out, summary = _run(tmp_path, "digit-bags-survival", "--epochs", "3", "--set", "task.loss=nll",
                         "--set", "task.time_bins=3")
     predictions = pd.read_csv(out / "predictions.csv")
-    curves = predictions[["survival_0", "survival_1", "survival_2"]].to_numpy()
-    assert ((curves > 0) & (curves < 1)).all() and (np.diff(curves, axis=1) <= 0).all()  # S falls over time
-    np.testing.assert_allclose(predictions["risk"], -curves.sum(1), rtol=1e-5)
-    assert not math.isnan(summary["c_index"]["mean"])
+    curves = predictions[[c for c in predictions.columns if c.startswith("survival_t")]].to_numpy()
+    assert curves.shape[1] == 9 and ((curves > 0) & (curves <= 1)).all()
+    assert (np.diff(curves, axis=1) <= 0).all()  # S falls over time
+    assert not math.isnan(summary["c_index"]["mean"]) and 0 < summary["ibs"]["mean"] < 0.3
 
 
 def test_regression_run_predicts_the_number_of_witnesses(tmp_path):

@@ -21,7 +21,7 @@ def run_task(run: RunDir) -> Task:
     """The task of a finished or running run directory (unfitted: enough to read and score predictions)."""
     facts = run.read_facts()
     config = run.read_config()
-    return make_task(config, facts.get("targets") or facts["classes"])
+    return make_task(config, facts.get("targets") or facts["classes"], facts.get("task_state"))
 
 
 def fold_arrays(predictions: pd.DataFrame, task: Task) -> list[tuple[np.ndarray, np.ndarray]]:

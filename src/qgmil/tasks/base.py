@@ -4,13 +4,16 @@ Models only make a bag embedding and `logits` (B, out_dim); everything that depe
 in a `Task`, chosen by the run config's `task.kind`. The engine (training loop, report, predict, tuning) talks
 to tasks through this interface only, so every registered model serves every task with no code of its own.
 
-A task is built for a run from its config and the names of its targets (`make_task`), then fitted on a fold's
-training part (`fit`: class weights, target standardisation, time bins), and that fitted state travels in the
-checkpoint (`describe` / `task_from_description`) so that predictions decode as they were trained.
+A task is built for a run from its config and the names of its targets (`make_task`), given what every fold of
+the run shares (`for_run`: survival's evaluation times), fitted on a fold's training part (`fit`: class weights,
+target standardisation, time bins) and calibrated on the validation outputs of the weights kept (`calibrate`:
+the Cox model's baseline hazard); that state travels in the checkpoint (`describe` / `task_from_description`)
+so that predictions decode as they were trained.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, ClassVar
 
@@ -67,12 +70,27 @@ class Task:
         """Model outputs: one per name (class, target or label) unless the task says otherwise."""
         return len(self.names)
 
+    def with_state(self, state: dict) -> "Task":
+        """A copy of this task (same config and options) holding `state`."""
+        task = copy.copy(self)
+        task.state = dict(state)
+        return task
+
+    def for_run(self, data) -> "Task":
+        """This task given all the bags of a run, before any split (state every fold shares; run.json keeps it)."""
+        return self
+
     def fit(self, data) -> "Task":
-        """This task fitted on a training part (a copy; the fitted state is in `state`)."""
-        return type(self)(self.config, self.names, self._fitted_state(data))
+        """This task fitted on a training part (a copy; the run's state plus the fitted state)."""
+        return self.with_state({**self.state, **self._fitted_state(data)})
 
     def _fitted_state(self, data) -> dict:
         return {}
+
+    def calibrate(self, targets: np.ndarray, outputs: np.ndarray) -> "Task":
+        """This fitted task given the validation targets and outputs of the weights being kept (what the
+        checkpoint then records); by default nothing changes."""
+        return self
 
     def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
         """The batch's loss summed over its bags (the mean loss times len(batch); a batch-level loss such as

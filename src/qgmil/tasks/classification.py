@@ -22,10 +22,6 @@ class Classification(Task):
         super().__init__(config, names, state)
         self.label_smoothing, self.use_weights, self.ordinal = label_smoothing, class_weights, ordinal
 
-    def fit(self, data) -> "Classification":
-        return Classification(self.config, self.names, self._fitted_state(data), label_smoothing=self.label_smoothing,
-                              class_weights=self.use_weights, ordinal=self.ordinal)
-
     def _fitted_state(self, data) -> dict:
         if not self.use_weights:
             return {}

@@ -24,9 +24,6 @@ class MultiLabel(Task):
         super().__init__(config, names, state)
         self.use_weights = class_weights
 
-    def fit(self, data):
-        return MultiLabel(self.config, self.names, self._fitted_state(data), class_weights=self.use_weights)
-
     @staticmethod
     def columns(columns):
         return tuple(columns.targets or (columns.label,))

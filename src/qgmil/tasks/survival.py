@@ -5,10 +5,15 @@ Two losses (`task.loss`):
        within a batch (so batches of several bags matter); one output, the log-risk.
   nll  the discrete-time negative log-likelihood (Zadeh & Schmid 2020, as PORPOISE and nnMIL use it) over
        `task.time_bins` intervals cut at the quantiles of the training part's event times; one hazard logit
-       per interval; outputs are the risk (minus the sum of survival probabilities, PORPOISE's) and S at the
-       end of each interval.
-Metrics come from scikit-survival (Harrell's and Uno's C-index, time-dependent AUC) and lifelines (log-rank
-p-value of the test fold's high- against low-risk half): the `survival` extra.
+       per interval; the risk is minus the sum of the survival probabilities at the intervals' ends (PORPOISE's).
+Outputs: the risk, then the survival probability S(t) at the run's evaluation times (`for_run`: the 10th to
+90th percentiles of all its bags' event times, a grid every fold shares; predictions.csv's survival_t<time>
+columns). The discrete model gives S directly; the Cox model's S(t | x) = exp(-H0(t) exp(risk)) needs the
+baseline cumulative hazard H0, Breslow's estimate on the validation bags of the weights kept (`calibrate`;
+without a validation part there is no H0 and the outputs are the risk alone).
+Metrics come from scikit-survival (Harrell's and Uno's C-index, time-dependent AUC, integrated Brier score over
+the evaluation times inside the test bags' follow-up) and lifelines (log-rank p-value of the test fold's high-
+against low-risk half): the `survival` extra.
 """
 
 from __future__ import annotations
@@ -82,6 +87,16 @@ class Survival(Task):
         table["label"] = pd.Series([None] * len(table), dtype=object)
         return [columns.time, columns.event], problems
 
+    def for_run(self, data):
+        time, event = data.targets[:, 0], data.targets[:, 1] > 0
+        times = np.unique(np.quantile(time[event] if event.any() else time, np.linspace(0.1, 0.9, 9)))
+        return self.with_state({**self.state, "times": times.tolist()})
+
+    @property
+    def times(self) -> np.ndarray:
+        """The evaluation times of the survival outputs (empty for a task of a run made before they existed)."""
+        return np.asarray(self.state.get("times", []), dtype=np.float64)
+
     @property
     def discrete(self) -> bool:
         return self.config.loss == "nll"
@@ -98,6 +113,19 @@ class Survival(Task):
         # inner cut points: the event-time quantiles (as PORPOISE cuts its bins), the last interval open-ended
         return {"cuts": np.quantile(times, np.linspace(0, 1, self.config.time_bins + 1)[1:-1]).tolist()}
 
+    def calibrate(self, targets, outputs):
+        if self.discrete or not len(self.times):
+            return self
+        event = targets[:, 1] > 0
+        if not event.any():  # no event among the validation bags: no baseline hazard to estimate
+            return self.with_state({k: v for k, v in self.state.items() if k != "baseline_hazard"})
+        from sksurv.linear_model.coxph import BreslowEstimator
+
+        hazard = BreslowEstimator().fit(outputs[:, 0], event, targets[:, 0]).cum_baseline_hazard_
+        # H0 is 0 before the first validation time and stays at its last value after the last one
+        at = hazard(np.clip(self.times, 0.0, hazard.domain[1]))
+        return self.with_state({**self.state, "baseline_hazard": np.atleast_1d(at).tolist()})
+
     def interval(self, time: torch.Tensor) -> torch.Tensor:
         cuts = torch.tensor(self.state["cuts"], dtype=time.dtype, device=time.device)
         return torch.bucketize(time.contiguous(), cuts, right=True)
@@ -111,9 +139,19 @@ class Survival(Task):
     def decode(self, logits):
         logits = logits.float()
         if not self.discrete:
-            return logits[:, :1]
-        survival = F.logsigmoid(-logits).cumsum(1).exp()
-        return torch.cat([-survival.sum(1, keepdim=True), survival], 1)
+            risk = logits[:, :1]
+            if "baseline_hazard" not in self.state:
+                return risk
+            hazard = torch.tensor(self.state["baseline_hazard"], dtype=risk.dtype, device=risk.device)
+            return torch.cat([risk, torch.exp(-hazard[None, :] * risk.exp())], 1)
+        log_survive = F.logsigmoid(-logits).cumsum(1)  # log S at the end of each interval
+        risk = -log_survive.exp().sum(1, keepdim=True)
+        if not len(self.times):
+            return risk
+        # S(t): survival through every interval that has ended by t (1 before the first ends)
+        ended = self.interval(torch.tensor(self.times, dtype=logits.dtype, device=logits.device))
+        padded = torch.cat([torch.zeros_like(log_survive[:, :1]), log_survive], 1)
+        return torch.cat([risk, padded[:, ended].exp()], 1)
 
     def metrics(self, targets, outputs, only=None):
         from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc
@@ -140,6 +178,7 @@ class Survival(Task):
             out["td_auc"] = float(cumulative_dynamic_auc(y, y, risk, times)[1]) if len(times) else math.nan
         except ValueError:
             out["td_auc"] = math.nan
+        out["ibs"] = self.integrated_brier(y, outputs)
         out["logrank_p"] = logrank_p(time, event, risk_groups(risk))
         out["loss"] = float(cox_loss(torch.from_numpy(risk), torch.from_numpy(time), torch.from_numpy(event.astype(float))))
         return out
@@ -149,9 +188,26 @@ class Survival(Task):
         if targets is not None:
             columns.update({self.names[0]: targets[:, 0], self.names[1]: targets[:, 1].astype(np.int64)})
         columns["risk"] = outputs[:, 0]
-        for k in range(1, outputs.shape[1]):
-            columns[f"survival_{k - 1}"] = outputs[:, k]  # S at the end of interval k - 1
+        if outputs.shape[1] > 1:
+            columns.update({f"survival_t{t:g}": outputs[:, k] for k, t in enumerate(self.times, start=1)})
         return columns
+
+    def integrated_brier(self, y, outputs: np.ndarray) -> float:
+        """scikit-survival's IBS of the survival outputs over the evaluation times inside these bags' follow-up
+        (the censoring distribution estimated on the same bags, as for Uno's C); NaN without survival outputs
+        or with fewer than two such times."""
+        from sksurv.metrics import integrated_brier_score
+
+        times = self.times
+        if outputs.shape[1] != len(times) + 1 or len(times) < 2:
+            return math.nan
+        inside = (times >= y["time"].min()) & (times < y["time"].max())
+        if inside.sum() < 2:
+            return math.nan
+        try:
+            return float(integrated_brier_score(y, y, outputs[:, 1:][:, inside], times[inside]))
+        except ValueError:
+            return math.nan
 
     def plot(self, folds, run, title):
         from ..evaluate.plots import kaplan_meier_plot
@@ -164,7 +220,8 @@ class Survival(Task):
                           title=f"{title}\nhigh / low risk: above / below each fold's median")
 
     def from_predictions(self, frame):
-        survival = sorted((c for c in frame.columns if c.startswith("survival_")), key=lambda c: int(c.split("_")[1]))
+        survival = [f"survival_t{t:g}" for t in self.times]
+        survival = survival if survival and all(c in frame for c in survival) else []
         return (frame[self.names].to_numpy(np.float64), frame[["risk", *survival]].to_numpy(np.float64))
 
 

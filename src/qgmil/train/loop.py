@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model, read_metadata, save_model
 from ..data import MILDataset, make_loader, set_epoch
 from ..data.splits import Fold
 from ..evaluate.inference import infer
@@ -166,9 +166,11 @@ class FoldTrainer:
             lr = optimizer.param_groups[0]["lr"]
             train_loss = self._train_epoch(wrapped, model, loader, optimizer, scheduler, scaler, task)
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
+            kept = task
             if parts.val is not None and len(parts.val):
                 outputs = self._infer(model, parts.val, task).outputs
                 val = task.metrics(task.targets_of(parts.val), outputs)
+                kept = task.calibrate(task.targets_of(parts.val), outputs)
                 row.update({f"val_{k}": v for k, v in val.items()})
                 score = list(_score(val, task, cfg.eval.monitor))
             else:  # no validation part: the last epoch is the one kept
@@ -178,7 +180,7 @@ class FoldTrainer:
                 info.update(best_score=score, best_epoch=epoch, bad_epochs=0)
                 if ctx.is_main and fold_dir is not None:
                     save_model(model, fold_dir.best, extra={**self.checkpoint_extra, "fold": fold.name,
-                                                            "epoch": epoch, "task": task.describe()})
+                                                            "epoch": epoch, "task": kept.describe()})
             else:
                 info["bad_epochs"] += 1
             row["best"] = improved
@@ -261,7 +263,8 @@ class FoldTrainer:
         cfg, ctx = self.config, self.ctx
         barrier(ctx)
         model = load_model(fold_dir.best, device=str(ctx.device))
-        task = self.task.fit(parts.train)  # the same fitted state as in training (a function of the training part)
+        # the fitted (and calibrated) state the kept weights were saved with
+        task = self.task.with_state(read_metadata(fold_dir.best)["extra"]["task"]["state"])
         classes = self.task.names if task.kind == "classification" else []
         result = self._infer(model, parts.test, task, attention=cfg.eval.save_attention, classes=classes)
         outputs, y = result.outputs, task.targets_of(parts.test)

@@ -78,13 +78,13 @@ def _dataset(config: RunConfig, table: Path, features: Path) -> tuple[MILDataset
     if config.task.kind == "classification":
         data = MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
                                      **options)
-        return data, make_task(config, data.classes)
+        return data, make_task(config, data.classes).for_run(data)
     frame = read_table(table, config.data.columns, require_labels=False, keep=target_columns(config))
     names, problems = parse_targets(frame, config)
     if problems:
         raise DataError(problems, f"{table}: the {config.task.kind} targets have problems")
     data = MILDataset.from_table(frame, features, columns=config.data.columns, classes=[], **options)
-    return data, make_task(config, names)
+    return data, make_task(config, names).for_run(data)
 
 
 def _check_targets(config: RunConfig):
@@ -279,7 +279,7 @@ def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: lis
             "command": command or sys.argv, "cwd": os.getcwd(), "started": now, "world_size": ctx.world,
             "versions": _versions(), "classes": data.classes, "in_dim": data.in_dim, "provenance": provenance(data),
             "bag_unit": config.data.bag_unit, "n_bags": len(data), "task": task.kind, "targets": task.names,
-            "notes": task_notes(config)}
+            "task_state": task.state, "notes": task_notes(config)}
         if not resume:
             for note in facts.get("notes", []):
                 print(f"note: {note}", file=sys.stderr)

@@ -89,7 +89,7 @@ class FoldStudy:
             trial.set_user_attr("error", str(err))
             raise
         # the task again from the trial's settings (optim.label_smoothing, optim.class_weights may be tuned)
-        task = make_task(config, self.opened.task.names)
+        task = make_task(config, self.opened.task.names, self.opened.task.state)  # the run-level state (for_run)
         trainer = FoldTrainer(config, self.opened.ctx, task, self.opened.data.in_dim, {})
         scores, epochs = [], 0
         for j, inner in enumerate(self.inner):
@@ -263,7 +263,7 @@ def retrain(opened: OpenRun, progress: bool) -> dict:
             continue
         chosen = json.loads(run.chosen(fold.name).read_text())
         tuned = config.with_keys({**chosen["fixed"], **chosen["params"]})
-        trainer = FoldTrainer(tuned, opened.ctx, make_task(tuned, opened.task.names), opened.data.in_dim,
+        trainer = FoldTrainer(tuned, opened.ctx, make_task(tuned, opened.task.names, opened.task.state), opened.data.in_dim,
                               {**opened.checkpoint_extra(), "tuned": chosen["params"]})
         trainer.run(fold, opened.parts(fold, tuned), fold_dir, progress=progress)
     write_settings(run, search_space(config)[0])

@@ -6,10 +6,11 @@
     DIR/labels.csv             bag_id,label,patient_id   (written last: its presence marks a finished prepare)
 
 Datasets: the classic MIL benchmarks (musk1, musk2, elephant; fox and tiger when the `mil` package
-ships them), `digit-bags` (real handwritten digits) and `synthetic-wsi` (generated WSI-scale bags).
+ships them), `digit-bags` (real handwritten digits) and its survival, regression and multi-label versions,
+`pbcseq` (real patients' lab visits, survival; the pbcseq extra) and `synthetic-wsi` (generated WSI-scale bags).
 `digit_bags()` also returns the digit bags in memory for the quick-start demo.
 
-Modules: base (shared types), classic, digits and synthetic_wsi (one generator each), registry (the
+Modules: base (shared types), classic, digits, pbcseq and synthetic_wsi (one generator each), registry (the
 list of generators, option checks and `prepare_dataset`). This package only re-exports the public API.
 """
 

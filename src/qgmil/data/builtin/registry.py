@@ -1,6 +1,6 @@
 """The built-in dataset registry and `prepare_dataset`.
 
-Owns the one list of generators (`_registry`: digits, synthetic_wsi and the classic benchmarks),
+Owns the one list of generators (`_registry`: digits, pbcseq, synthetic_wsi and the classic benchmarks),
 `list_datasets`, `dataset_info`, option coercion and validation (`_coerce`, `_resolve_options`) and
 `prepare_dataset`, which writes DIR/features/<bag_id>.h5, DIR/dataset.json and DIR/labels.csv (last).
 """
@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 
 from ..bagfile import write_bag
-from . import classic, digits, synthetic_wsi
+from . import classic, digits, pbcseq, synthetic_wsi
 from .base import BuiltinDataset, _Entry
 
 
 @cache
 def _registry() -> dict[str, _Entry]:
-    entries = [digits.ENTRY, *digits.TASK_ENTRIES, synthetic_wsi.ENTRY, *classic.entries()]
+    entries = [digits.ENTRY, *digits.TASK_ENTRIES, pbcseq.ENTRY, synthetic_wsi.ENTRY, *classic.entries()]
     return {e.info.name: e for e in sorted(entries, key=lambda e: e.info.name)}
 
 
