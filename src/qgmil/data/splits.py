@@ -99,8 +99,50 @@ class Splits:
 
 def _strata(table: pd.DataFrame) -> str:
     """The column splits stratify on: the label, or for tasks other than classification the `stratum` their
-    targets give (survival: event and time quantile; regression: target quantile; multi-label: label set)."""
+    targets give (survival: event and time quantile; regression: target quantile; multi-label: the tuple of
+    0/1 label indicators, split by iterative stratification)."""
     return "stratum" if "stratum" in table else "label"
+
+
+def _indicators(patients: pd.Series) -> np.ndarray | None:
+    """The (patients, labels) 0/1 matrix when the strata are multi-label indicator tuples, else None."""
+    first = patients.iloc[0] if len(patients) else None
+    return np.array(patients.tolist(), dtype=np.int64) if isinstance(first, tuple) else None
+
+
+_ITERSTRAT = "pip install 'qgmil[multilabel]' (iterative-stratification)"
+
+
+def _iterstrat():
+    """iterative-stratification's module, or None (with a warning) without it."""
+    try:
+        from iterstrat import ml_stratifiers
+    except ModuleNotFoundError:
+        warnings.warn(f"multi-label splits stratify on each bag's label set without iterative stratification: "
+                      f"{_ITERSTRAT}", stacklevel=3)
+        return None
+    return ml_stratifiers
+
+
+def _label_sets(patients: pd.Series, folds: int) -> pd.Series:
+    """Indicator tuples as label-set strata (rare sets pooled): the fallback without iterative-stratification."""
+    return _merge_rare(patients.map(lambda t: "".join(map(str, t))), folds)
+
+
+def _kfold(patients: pd.Series, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rest, held-out) positions of `patients` for k folds, stratified on their strata: scikit-learn's
+    StratifiedKFold, or for multi-label indicators Sechidis et al.'s iterative stratification (every label's
+    positives spread evenly over the folds, which label-set strata cannot do once sets are many)."""
+    labels = _indicators(patients)
+    if labels is not None:
+        module = _iterstrat()
+        if module is not None:
+            return list(module.MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+                        .split(np.zeros(len(labels)), labels))
+        patients = _label_sets(patients, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # too few patients of a class: make_splits warns once
+        return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(patients.index, patients.values))
 
 
 def _patients(table: pd.DataFrame) -> pd.Series:
@@ -127,6 +169,14 @@ def _carve_val(patients: pd.Series, val_fraction: float, seed: int) -> tuple[lis
     if val_fraction <= 0 or len(ids) < 2:
         return ids, []
     n_val = max(1, round(val_fraction * len(ids)))
+    labels = _indicators(patients)
+    module = _iterstrat() if labels is not None else None
+    if module is not None:
+        split = module.MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+        train, val = next(split.split(np.zeros(len(labels)), labels))
+        return [ids[i] for i in train], [ids[i] for i in val]
+    if labels is not None:
+        patients = _label_sets(patients, 2)
     stratify = patients.values if patients.value_counts().min() >= 2 and n_val >= patients.nunique() else None
     train, val = train_test_split(ids, test_size=n_val, stratify=stratify, random_state=seed)
     return list(train), list(val)
@@ -150,11 +200,11 @@ def make_splits(
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     patients = _patients(table)
-    if _strata(table) == "stratum":
+    if _strata(table) == "stratum" and _indicators(patients) is None:
         patients = _merge_rare(patients, folds)
-    counts = patients.value_counts()
     if len(patients) < folds:
         raise DataError([f"{len(patients)} patients cannot make {folds} folds"])
+    counts = patients.value_counts()
     if counts.min() < folds and _strata(table) == "label":
         warnings.warn(
             f"class {counts.idxmin()!r} has only {counts.min()} patients, fewer than {folds} folds: "
@@ -163,11 +213,7 @@ def make_splits(
     result = []
     ids = patients.index.to_numpy()
     for seed in seeds:
-        kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # already warned above, once
-            parts = list(kfold.split(ids, patients.values))
-        for k, (rest, test) in enumerate(parts):
+        for k, (rest, test) in enumerate(_kfold(patients, folds, seed)):
             train, val = _carve_val(patients.iloc[rest], val_fraction, seed=seed * 1000 + k)
             result.append(Fold(f"seed{seed}-fold{k}", int(seed), k, _bags_of(table, train), _bags_of(table, val),
                                _bags_of(table, ids[test])))
@@ -184,11 +230,11 @@ def inner_folds(table: pd.DataFrame, fold: Fold, k: int, seed: int = 0) -> list[
     patients = _patients(rest)
     if len(patients) < k:
         raise DataError([f"{fold.name}: {len(patients)} training patients cannot make {k} inner folds"])
-    stratify = patients.values if patients.value_counts().min() >= k else np.zeros(len(patients))
+    if _indicators(patients) is None and patients.value_counts().min() < k:
+        patients = pd.Series(0, index=patients.index)  # a stratum too small for k parts: plain k-fold
     ids = patients.index.to_numpy()
-    kfold = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return [Fold(f"{fold.name}-inner{j}", fold.seed, j, _bags_of(rest, ids[train]), _bags_of(rest, ids[val]), [])
-            for j, (train, val) in enumerate(kfold.split(ids, stratify))]
+            for j, (train, val) in enumerate(_kfold(patients, k, seed))]
 
 
 def splits_from_table(table: pd.DataFrame, seeds: Sequence[int] = (0,), val_fraction: float = 0.2) -> Splits | None:

@@ -208,6 +208,16 @@ def number_problems(table: pd.DataFrame, column: str, *, source: str, allow=None
     return values, problems
 
 
+def store_targets(table: pd.DataFrame, targets: list, strata: list, what: str, source: str) -> list[str]:
+    """Puts a task's parsed targets in `table` (`target`: a tuple of floats per row, None where missing;
+    `stratum`: what splits stratify on, None where the target is missing; `label`: None, these are not classes)
+    and returns the problems of patients whose rows carry different targets (`what` names them)."""
+    table["target"] = pd.Series(list(targets), dtype=object)
+    table["stratum"] = pd.Series(list(strata), dtype=object)
+    table["label"] = pd.Series([None] * len(table), dtype=object)
+    return patient_conflicts(table, what, source)
+
+
 def patient_conflicts(table: pd.DataFrame, what: str, source: str) -> list[str]:
     """A patient whose rows carry different targets (a patient has one outcome)."""
     problems = []

@@ -6,12 +6,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from ..task_specs import HIGHER_IS_BETTER
-from .base import Task, patient_conflicts
+from .base import Task, store_targets
 
 HIGHER = HIGHER_IS_BETTER["multilabel"]
 
@@ -51,7 +50,6 @@ class MultiLabel(Task):
                 sets.append(frozenset(part.strip() for part in (cell or "").split(sep) if part.strip()))
             names = sorted(set().union(*(s for s in sets if s is not None)))
             rows = [None if s is None else tuple(float(n in s) for n in names) for s in sets]
-        table["target"] = pd.Series(rows, dtype=object)
         known = np.array([r for r in rows if r is not None], dtype=np.float64).reshape(-1, len(names))
         for name, column in zip(names, known.T):
             if len(column) and np.unique(column).size == 1:
@@ -59,10 +57,8 @@ class MultiLabel(Task):
                                 "bag: nothing to learn (drop it)")
         if not names:
             problems.append(f"{source}: no labels found")
-        problems += patient_conflicts(table, "labels", source)
-        table["stratum"] = pd.Series([None if r is None else "+".join(n for n, v in zip(names, r) if v) or "(none)"
-                                      for r in rows], dtype=object)
-        table["label"] = pd.Series([None] * len(table), dtype=object)
+        strata = [None if r is None else tuple(int(v) for v in r) for r in rows]  # indicators: iterative stratification
+        problems += store_targets(table, rows, strata, "labels", source)
         return names, problems
 
     def _fitted_state(self, data):

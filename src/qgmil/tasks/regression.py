@@ -6,12 +6,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from ..task_specs import HIGHER_IS_BETTER
-from .base import Task, number_problems, patient_conflicts, quantile_bins
+from .base import Task, number_problems, quantile_bins, store_targets
 
 HIGHER = HIGHER_IS_BETTER["regression"]
 
@@ -38,18 +37,16 @@ class Regression(Task):
             missing = [n for n, cell in zip(names, cells) if cell is None]  # bad cells are reported above
             if missing:
                 problems.append(f"{source} row {row}: missing {', '.join(missing)}")
-        table["target"] = pd.Series([None if np.isnan(v).any() else tuple(map(float, v)) for v in values], dtype=object)
+        targets = [None if np.isnan(v).any() else tuple(map(float, v)) for v in values]
         for name, column in zip(names, values.T):
             known = column[~np.isnan(column)]
             if len(known) and np.unique(known).size == 1:
                 problems.append(f"{source}: every bag has {name} = {known[0]:g}: a regression needs different values")
-        problems += patient_conflicts(table, "targets", source)
         first = values[:, 0]
         strata = np.full(len(table), None, dtype=object)
-        known = ~np.isnan(first)
-        strata[known] = [f"q{q}" for q in quantile_bins(first[known], 4)]
-        table["stratum"] = pd.Series(list(strata), dtype=object)
-        table["label"] = pd.Series([None] * len(table), dtype=object)
+        known = np.array([t is not None for t in targets], dtype=bool)
+        strata[known] = [f"q{q}" for q in quantile_bins(first[known], 4)]  # quartiles of the first target
+        problems += store_targets(table, targets, strata, "targets", source)
         return names, problems
 
     def _fitted_state(self, data):

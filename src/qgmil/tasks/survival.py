@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from ..task_specs import HIGHER_IS_BETTER
-from .base import Task, number_problems, patient_conflicts, quantile_bins
+from .base import Task, number_problems, quantile_bins, store_targets
 
 HIGHER = HIGHER_IS_BETTER["survival"]
 
@@ -75,16 +74,13 @@ class Survival(Task):
             if missing:
                 problems.append(f"{source} row {row}: missing {' and '.join(missing)}")
         known = ~(np.isnan(time) | np.isnan(event))
-        table["target"] = pd.Series([tuple(map(float, (t, e))) if k else None for t, e, k in zip(time, event, known)],
-                                    dtype=object)
+        targets = [tuple(map(float, (t, e))) if k else None for t, e, k in zip(time, event, known)]
         if known.any() and not event[known].any():
             problems.append(f"{source}: no bag has {columns.event} = 1: every time is censored, nothing to learn")
-        problems += patient_conflicts(table, f"{columns.time}/{columns.event}", source)
         strata = np.full(len(table), None, dtype=object)
         bins = quantile_bins(time[known], 4)
-        strata[known] = [f"event{int(e)}-q{q}" for e, q in zip(event[known], bins)]
-        table["stratum"] = pd.Series(list(strata), dtype=object)
-        table["label"] = pd.Series([None] * len(table), dtype=object)
+        strata[known] = [f"event{int(e)}-q{q}" for e, q in zip(event[known], bins)]  # event x time quartile
+        problems += store_targets(table, targets, strata, f"{columns.time}/{columns.event}", source)
         return [columns.time, columns.event], problems
 
     def for_run(self, data):
