@@ -288,6 +288,32 @@ def test_explain_cells_two_runs_planted(cell_runs, tmp_path):
         assert im.size == gallery_size(2, 3)
 
 
+def test_explain_cells_on_a_survival_and_a_regression_run(cell_runs, tmp_path):
+    """The attention is the same object for every task: galleries of runs with other targets rank the same way."""
+    runs, root = cell_runs
+    table = root / "targets.csv"
+    pd.DataFrame({"bag_id": [f"s{s}" for s in range(6)], "time": [5, 40, 9, 33, 12, 50], "event": [1, 1, 0, 1, 1, 0],
+                  "score": [0.1, 2.0, 0.3, 1.7, 0.2, 2.4]}).to_csv(table, index=False)
+    features = root / "bags" / "features"
+    for task, keys in (("survival", {}), ("regression", {"data.columns.targets": ["score"]})):
+        from qgmil.rundir.config import load_config
+        from qgmil.train.run import train_run
+
+        run = tmp_path / task
+        train_run(load_config(None, [], {**TRAIN, "data.table": table, "data.features": features, "task": task,
+                                         "model.name": "abmil", **keys}), run)
+        plant(run, "s3", [1, 1, 40, 1, 1, 30, 1])
+        out = tmp_path / f"gal-{task}"
+        result = CliRunner().invoke(main, ["explain", "cells", str(run), "--bags", "s3", "--top", "2",
+                                           "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        with Image.open(out / "s3_cells.png") as im:
+            assert im.size == gallery_size(2, 2)
+            png = np.asarray(im.convert("RGB"))
+        assert is_colour(tile_at(png, 0, 0), RED, tol=2) and is_colour(tile_at(png, 0, 1), RED, tol=2)
+        assert not any(is_colour(tile_at(png, 1, c), RED) for c in range(2))
+
+
 def test_explain_cells_moved_images(cell_runs, tmp_path):
     runs, root = cell_runs
     moved = tmp_path / "archive" / "cells"

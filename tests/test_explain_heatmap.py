@@ -225,6 +225,38 @@ def test_explain_heatmap_cli(wsi_runs, tmp_path):
     assert result.exit_code == 2 and "nope" in result.output
 
 
+def test_explain_heatmap_of_a_survival_run(tmp_path):
+    """Heatmaps need the attention and the bags' geometry only: a survival run on the WSI bags draws them too."""
+    import pandas as pd
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from qgmil.cli import main
+    from qgmil.data import prepare_dataset
+    from qgmil.rundir.config import load_config
+    from qgmil.train.run import train_run
+
+    pytest.importorskip("sksurv", reason="survival needs pip install 'qgmil[survival]'")
+    data = tmp_path / "wsi"
+    prepare_dataset("synthetic-wsi", data, bags=6, min_instances=200, max_instances=300, dim=16, progress=False)
+    table = pd.read_csv(data / "labels.csv")
+    positive = table["label"] == "positive"
+    table["time"], table["event"] = np.where(positive, 10.0, 30.0) + np.arange(6), [1, 1, 0, 1, 1, 1]
+    table.drop(columns=["label"]).to_csv(tmp_path / "survival.csv", index=False)
+    config = load_config(None, [], {
+        "data.table": tmp_path / "survival.csv", "data.features": data / "features", "task": "survival",
+        "eval.folds": 2, "optim.epochs": 2, "optim.batch_size": 4, "runtime.progress": False,
+        "runtime.tensorboard": False, "model.name": "abmil", "eval.bootstrap": 10})
+    train_run(config, tmp_path / "run")
+    out = tmp_path / "heat"
+    result = CliRunner().invoke(main, ["explain", "heatmap", str(tmp_path / "run"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    bags = list(dict.fromkeys(pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"bag_id": str})["bag_id"]))
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(bags[:3])
+    with Image.open(out / f"{bags[0]}.png") as im:
+        im.verify()
+
+
 # --- tissue only, branches, patient bags ------------------------------------------------------------
 
 def test_tissue_only_leaves_glass_unpainted(tmp_path):

@@ -112,6 +112,7 @@ def run_cell_galleries(run_dirs: Sequence, out, *, bags: Sequence[str] | None = 
                                    f"its feature files name {len(paths)} cells")
             label = name if n_rows == 1 else f"{name} (mean of {n_rows} seeds)"
             rows += ranked_rows(label, a, top, load)
-        title = f"{bag_id} (label {labels[bag_id]})" if bag_id in labels else bag_id
+        label = labels.get(bag_id)
+        title = f"{bag_id} (label {label})" if isinstance(label, str) else bag_id  # other tasks: no class label
         written.append(render_gallery(rows, out / f"{bag_id}_cells.png", title=title, tile_px=tile_px))
     return written

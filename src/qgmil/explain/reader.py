@@ -93,7 +93,7 @@ def read_instance_labels(files: Iterable[Path]) -> np.ndarray | None:
 
 def load_run(run_dir: str | Path) -> RunAttention:
     """Read a training run's test attention (its attention files) and its bags' instance labels, if any."""
-    from ..data import MILDataset
+    from ..data import MILDataset, read_table
     from ..rundir import RunDir, RunDirError, read_attention
 
     run_dir = Path(run_dir)
@@ -108,7 +108,7 @@ def load_run(run_dir: str | Path) -> RunAttention:
         raise ExplainError(f"{run_dir}: no {_attention_files_label(rundir)} "
                            "(was the run trained with eval.save_attention=false?)")
     config = rundir.read_config()
-    classes = rundir.classes or None  # other tasks have no classes: any label column is read as it is written
+    classes = rundir.classes or None
     dataset, table, features = rundir.dataset_source(config)
     if "label" not in predictions:  # survival, regression, multi-label: the attention is the same object
         predictions = predictions.assign(label=None)
@@ -127,6 +127,8 @@ def load_run(run_dir: str | Path) -> RunAttention:
 
     run = RunAttention(run_dir, config.model.name, dataset, rows)
     try:
+        if config.task.kind != "classification":  # the bags only: the targets are not needed here
+            table, classes = read_table(table, config.data.columns, require_labels=False), []
         data = MILDataset.from_table(table, features, columns=config.data.columns, classes=classes,
                                      bag_unit=config.data.bag_unit)
         run.units = {u.bag_id: u for u in data.units}
