@@ -490,6 +490,26 @@ def test_multilabel_run_reports_per_label_aurocs(tmp_path):
     predictions = pd.read_csv(out / "predictions.csv")
     assert {"label_digit_3", "prob_digit_3", "prob_digit_9"} <= set(predictions.columns)
 
+    # new bags whose label sets never name digit_9 are read against the model's labels (all negatives there)
+    data = out / "data" / "digit-bags-multilabel"
+    table = pd.read_csv(data / "labels.csv").head(40)
+    table["label"] = table["label"].fillna("").map(lambda s: ";".join(d for d in s.split(";") if d and d != "digit_9"))
+    table.to_csv(tmp_path / "new.csv", index=False)
+    result = CliRunner().invoke(main, ["predict", str(out), str(tmp_path / "new.csv"), "--features",
+                                       str(data / "features"), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    new = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    assert (new["label_digit_9"] == 0).all() and new["label_digit_3"].sum() > 0
+    scored = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert scored["auroc_digit_3"] > 0.7 and math.isnan(scored["auroc_digit_9"])
+    # a label the model does not predict is refused by row, and nothing is written
+    table.loc[3, "label"] = "digit_3;digit_7"
+    table.to_csv(tmp_path / "bad.csv", index=False)
+    result = CliRunner().invoke(main, ["predict", str(out), str(tmp_path / "bad.csv"), "--features",
+                                       str(data / "features"), "--out", str(tmp_path / "q")])
+    assert result.exit_code != 0 and "row 5: label(s) digit_7 not among the model's" in result.output
+    assert not (tmp_path / "q" / "predictions.csv").exists()
+
 
 def test_class_label_losses_are_off_for_other_tasks_with_a_note(tmp_path):
     out, _ = _run(tmp_path, "digit-bags-regression", "--epochs", "1", model="clam_sb")

@@ -117,7 +117,7 @@ def _read_targets(table: pd.DataFrame, task: Task, columns: Columns | None) -> b
     if not all(f"raw:{n}" in table for n in task.columns(columns)):
         return False
     source = table.attrs.get("source")
-    found, problems = task.parse(table, columns, task.config)
+    found, problems = task.parse(table, columns, task.config, trained=task.names)
     if problems:
         raise DataError(problems, f"{source}: the {task.kind} targets have problems")
     if list(found) != list(task.names):

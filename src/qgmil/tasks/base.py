@@ -53,10 +53,15 @@ class Task:
         return ()
 
     @classmethod
-    def parse(cls, table: pd.DataFrame, columns, config) -> tuple[list[str], list[str]]:
+    def parse(cls, table: pd.DataFrame, columns, config, trained: list[str] | None = None
+              ) -> tuple[list[str], list[str]]:
         """Read the targets from a `read_table` frame (with `keep=columns(...)`): adds its `target` (a tuple of
         floats per row, None when missing) and `stratum` (what splits stratify on) columns, sets `label` to
-        None. Returns (names of the targets, problems naming the file and row)."""
+        None. Returns (names of the targets, problems naming the file and row).
+
+        `trained`: the target names of a trained model whose predictions these targets will score; then the
+        checks that matter only for training (a target with one value) are skipped, and label names are
+        read against the model's."""
         return [], []
 
     def targets_of(self, data) -> np.ndarray:

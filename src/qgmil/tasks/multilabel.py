@@ -28,7 +28,7 @@ class MultiLabel(Task):
         return tuple(columns.targets or (columns.label,))
 
     @classmethod
-    def parse(cls, table, columns, config):
+    def parse(cls, table, columns, config, trained=None):
         source = table.attrs.get("source", "table")
         problems = []
         if columns.targets:  # one 0/1 column per label
@@ -49,10 +49,17 @@ class MultiLabel(Task):
             for cell in table[f"raw:{columns.label}"]:  # an empty cell: none of the labels
                 sets.append(frozenset(part.strip() for part in (cell or "").split(sep) if part.strip()))
             names = sorted(set().union(*(s for s in sets if s is not None)))
+            if trained is not None:  # a set names the labels present; the model's labels are the vocabulary
+                for row, labels in zip(table["row"], sets):
+                    unknown = sorted(labels - set(trained))
+                    if unknown:
+                        problems.append(f"{source} row {row}: label(s) {', '.join(unknown)} not among the model's "
+                                        f"({', '.join(trained)})")
+                names = list(trained)
             rows = [None if s is None else tuple(float(n in s) for n in names) for s in sets]
         known = np.array([r for r in rows if r is not None], dtype=np.float64).reshape(-1, len(names))
         for name, column in zip(names, known.T):
-            if len(column) and np.unique(column).size == 1:
+            if trained is None and len(column) and np.unique(column).size == 1:
                 problems.append(f"{source}: label {name!r} is {'present in' if column[0] else 'absent from'} every "
                                 "bag: nothing to learn (drop it)")
         if not names:

@@ -24,7 +24,7 @@ class Regression(Task):
         return tuple(columns.targets or (columns.label,))
 
     @classmethod
-    def parse(cls, table, columns, config):
+    def parse(cls, table, columns, config, trained=None):
         source = table.attrs.get("source", "table")
         names = list(cls.columns(columns))
         values, problems = [], []
@@ -40,7 +40,7 @@ class Regression(Task):
         targets = [None if np.isnan(v).any() else tuple(map(float, v)) for v in values]
         for name, column in zip(names, values.T):
             known = column[~np.isnan(column)]
-            if len(known) and np.unique(known).size == 1:
+            if trained is None and len(known) and np.unique(known).size == 1:
                 problems.append(f"{source}: every bag has {name} = {known[0]:g}: a regression needs different values")
         first = values[:, 0]
         strata = np.full(len(table), None, dtype=object)

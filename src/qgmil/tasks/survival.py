@@ -61,7 +61,7 @@ class Survival(Task):
         return (columns.time, columns.event)
 
     @classmethod
-    def parse(cls, table, columns, config):
+    def parse(cls, table, columns, config, trained=None):
         source = table.attrs.get("source", "table")
         time, problems = number_problems(table, columns.time, source=source,
                                          allow=lambda v: "is negative (times are >= 0)" if v < 0 else None)
@@ -75,7 +75,7 @@ class Survival(Task):
                 problems.append(f"{source} row {row}: missing {' and '.join(missing)}")
         known = ~(np.isnan(time) | np.isnan(event))
         targets = [tuple(map(float, (t, e))) if k else None for t, e, k in zip(time, event, known)]
-        if known.any() and not event[known].any():
+        if trained is None and known.any() and not event[known].any():
             problems.append(f"{source}: no bag has {columns.event} = 1: every time is censored, nothing to learn")
         strata = np.full(len(table), None, dtype=object)
         bins = quantile_bins(time[known], 4)
