@@ -141,7 +141,7 @@ def predict_bags(
     """Average the outputs (and attention) of the source's models over the bags of `data`.
 
     Writes OUT/predictions.csv (bag_id, patient_id, then the task's columns: classification label if known,
-    pred, prob_<class>; survival time and event if known, risk (and survival_<k> for the discrete-time loss);
+    pred, prob_<class>; survival time and event if known, risk and survival_t<time> (S at the evaluation times);
     regression target_<name> if known, pred_<name>; multi-label label_<name> if known, prob_<name>),
     OUT/attention.h5 (one dataset per bag: the mean pooling attention over its real instances; for
     multi-branch models also the group `branch_attention`: per bag the mean (K, N) branch attentions,
@@ -179,7 +179,8 @@ def predict_bags(
         if total is None:
             total = run
             continue
-        total.outputs = total.outputs + run.outputs
+        width = min(total.outputs.shape[1], run.outputs.shape[1])  # a Cox fold without a baseline: risk only
+        total.outputs = total.outputs[:, :width] + run.outputs[:, :width]
         total.attention = [a + b for a, b in zip(total.attention, run.attention)]
         if total.branches is not None:
             total.branches = [a + b for a, b in zip(total.branches, run.branches)]

@@ -128,7 +128,7 @@ def load_run(run_dir: str | Path) -> RunAttention:
     run = RunAttention(run_dir, config.model.name, dataset, rows)
     try:
         if config.task.kind != "classification":  # the bags only: the targets are not needed here
-            table, classes = read_table(table, config.data.columns, require_labels=False), []
+            table, classes = read_table(table, config.data.columns, require_labels=False).assign(label=None), []
         data = MILDataset.from_table(table, features, columns=config.data.columns, classes=classes,
                                      bag_unit=config.data.bag_unit)
         run.units = {u.bag_id: u for u in data.units}
