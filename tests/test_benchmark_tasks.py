@@ -1,6 +1,7 @@
 """`qgmil benchmark` over datasets of several task kinds: every table per kind on that kind's metrics and
-directions (task_specs), gains and tests on its main metric, per-kind grids and figures. A real small grid
-(two models, the four digit-bag tasks) and hand-made results frames for the direction logic."""
+directions (task_specs), gains and tests on its main metric, per-kind grids and figures; `--tune` on the
+task's metric. A real small grid (two models, the four digit-bag tasks) and hand-made results frames for the
+direction logic."""
 
 import re
 
@@ -245,3 +246,35 @@ def test_mixed_frames_get_a_section_and_a_mean_per_kind():
         summary["Survival"])
     assert "| s1 | qgmil | **0.650 ± 0.010** | – | – | – |" in summary["Survival"]  # what a cell lacks: a dash
 
+
+# --- tuning ---------------------------------------------------------------------------------------------------
+
+
+def test_a_tuned_survival_cell_maximises_the_c_index(tmp_path):
+    """`--tune` scores trials on the task's eval.monitor (survival: c_index, maximised), its ties broken by the
+    task's own validation loss (the Cox loss, not classification's nll)."""
+    optuna = pytest.importorskip("optuna", reason="tuning needs optuna (pip install 'qgmil[tune]')")
+    pytest.importorskip("sksurv", reason="survival needs scikit-survival (pip install 'qgmil[survival]')")
+    spec = tmp_path / "bench.yaml"
+    spec.write_text("datasets: [{name: digit-bags-survival, options: {bags: 80}}]\nmodels: [abmil]\n"
+                    "train: {optim.epochs: 2, optim.batch_size: 8, eval.bootstrap: 20, runtime.threads: 1}\n")
+    out = tmp_path / "out"
+    result = invoke(spec, "--folds", "2", "--seeds", "0", "--tune", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    run = RunDir(out / "runs" / "digit-bags-survival" / "abmil")
+    assert run.read_config().eval.monitor == "c_index"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run.study_journal)))
+    chosen = run.read_chosen()
+    assert sorted(chosen) == ["seed0-fold0", "seed0-fold1"]
+    for fold, choice in chosen.items():
+        study = optuna.load_study(study_name=fold, storage=storage)
+        assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+        complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+        assert len(study.trials) == 2 and complete and all(0.0 <= t.value <= 1.0 for t in complete)
+        assert choice["metric"] == "c_index" and choice["value"] == max(t.value for t in complete)
+        # each epoch reports the C-index minus 1e-4 x the validation Cox loss (> 0): at the best epoch, a
+        # little below the trial's value (with classification's nll as the tie-break it would be equal)
+        for trial in complete:
+            assert any(0.0 < trial.value - v < 0.01 for v in trial.intermediate_values.values()), trial
+    assert "| digit-bags-survival | abmil | 2 | 2 |" in (out / "tuning.md").read_text()
+    assert "C-index (Harrell), mean ± std over the 2 (seed, fold) test parts" in (out / "results.md").read_text()
