@@ -534,8 +534,16 @@ def test_tuning_optimises_the_tasks_metric(tmp_path):
     assert "r2" in json.loads((out / "summary.json").read_text())
 
 
-def test_benchmark_refuses_other_tasks_before_running_anything(tmp_path):
-    result = CliRunner().invoke(main, ["benchmark", "--datasets", "digit-bags-survival", "--models", "qgmil",
-                                       "--out", str(tmp_path / "bench")])
-    assert result.exit_code != 0 and "classification tables only so far" in result.output
-    assert not (tmp_path / "bench" / "runs").exists()
+def test_benchmark_plans_cells_of_every_task_on_its_main_metric(tmp_path):
+    """A benchmark may mix task kinds: each cell knows its kind, the metric its tables compare and the one its
+    tuning and early stopping follow (the per-kind tables themselves: tests/test_benchmark_tasks.py)."""
+    from qgmil.bench import BenchSpec, plan_cells
+
+    datasets = ["digit-bags", "digit-bags-survival", "digit-bags-regression", "digit-bags-multilabel"]
+    cells = plan_cells(BenchSpec(datasets=datasets, models=["qgmil"], tune=2), tmp_path)
+    assert [(c.dataset, c.kind, c.main_metric, c.config.eval.monitor, c.tuned) for c in cells] == [
+        ("digit-bags", "classification", "macro_f1", "macro_f1", True),
+        ("digit-bags-survival", "survival", "c_index", "c_index", True),
+        ("digit-bags-regression", "regression", "r2", "r2", True),
+        ("digit-bags-multilabel", "multilabel", "macro_auroc", "macro_auroc", True)]
+    assert not (tmp_path / "runs").exists()  # planned, nothing run

@@ -12,7 +12,6 @@ SLURM array tasks instead of local processes: the same train_cell runs in each.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import queue
 import time
@@ -24,7 +23,7 @@ from typing import Any, Callable
 from ..atomic import atomic_write_text
 from ..rundir.config import dump_yaml
 from ..runtime import available_cpus
-from .report import build_tables
+from .report import build_tables, cell_score
 from .spec import BenchmarkError, BenchSpec, Cell, load_spec, plan_cells
 
 
@@ -130,9 +129,8 @@ def _run_cells(todo: list[Cell], heads: dict[int, str], workers: int, command: l
             echo(f"{heads[cell.index]}: FAILED: {result['error']}")
             failures.append(CellFailure(cell, result["error"], result["traceback"]))
             return
-        f1 = result["summary"].get("macro_f1", {})
-        echo(f"{heads[cell.index]}: macro-F1 {f1.get('mean', math.nan):.3f} ± {f1.get('std', math.nan):.3f} "
-             f"({f1.get('n', 0)} folds, {result['seconds']:.0f} s)")
+        folds = result["summary"].get(cell.main_metric, {}).get("n", 0)
+        echo(f"{heads[cell.index]}: {cell_score(cell, result['summary'])} ({folds} folds, {result['seconds']:.0f} s)")
 
     if workers == 1:
         for cell in todo:
@@ -258,8 +256,7 @@ def _run_on_slurm(spec: BenchSpec, out: Path, todo: list[Cell], heads: dict[int,
     for cell in todo:
         if cell.finished:
             result = cluster.task_result(out, cell) or {}
-            f1 = result.get("summary", {}).get("macro_f1", {})
-            echo(f"{heads[cell.index]}: macro-F1 {f1.get('mean', math.nan):.3f} ± {f1.get('std', math.nan):.3f}")
+            echo(f"{heads[cell.index]}: {cell_score(cell, result.get('summary', {}))}")
             continue
         result = cluster.task_result(out, cell)
         if result and "error" in result:

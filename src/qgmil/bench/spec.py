@@ -6,25 +6,37 @@ prepared once in OUT/data/<dataset> (before any cell runs) and shared by all mod
 sees the same bags and, with the same seeds, the same splits. The presets are YAML files shipped in
 qgmil/bench/presets/: `builtin` (`qgmil benchmark --builtin`) and `demo` (`qgmil demo`).
 
+The datasets may be of different task kinds (classification, survival, regression, multilabel: each
+dataset's task.kind, `Cell.kind`). Every table is then built per kind, with that kind's metrics
+(task_specs.TABLE_METRICS); a kind's main metric, the first of them, is what the tables compare: macro-F1
+(classification), Harrell's C-index (survival), R² (regression), macro AUROC (multilabel). "Main metric"
+below means the cell's kind's. With several kinds, each Markdown table has a section per kind.
+
 OUT/
   benchmark.yaml   the resolved benchmark spec (runner)
   data/<dataset>/  prepared built-in datasets (runner)
   runs/<dataset>/<model>/   one run directory per cell (see qgmil.rundir.RunDir; runner); with `tune`, a
-                   nested-tuning run (qgmil.tune: the same layout plus tuning/)
-  results.csv      one row per model x dataset: macro-F1, AUROC, balanced accuracy, ECE, Brier (mean, std),
-                   folds, training seconds
-  results.md/.tex  macro-F1 mean ± std, a row per model, a column per dataset (+ mean), best in bold; the
-                   Markdown one ends with the gains
-  summary.md       one row per cell: macro-F1, AUROC, balanced accuracy, ECE, Brier (mean ± std, best
-                   macro-F1 per dataset in bold) and the mean test attention on positive instances where
-                   the bags have instance labels (the table `qgmil demo` prints)
-  auroc.md, calibration.md   the same grid for AUROC, and for ECE and Brier (lowest in bold)
-  gains.csv        best QG-MIL variant vs best baseline per dataset, and their mean
-  ablation.md/.csv with full qgmil and at least one one-off variant: each variant's macro-F1 and its change,
+                   nested-tuning run (qgmil.tune: the same layout plus tuning/), tuned on the kind's
+                   eval.monitor (by default its main metric)
+  results.csv      one row per model x dataset: its task, the table metrics of every kind present (mean,
+                   std; NaN where a metric is not its kind's), folds, training seconds
+  results.md/.tex  the main metric mean ± std, a row per model, a column per dataset (+ mean), best in bold
+                   (the lowest for a lower-is-better metric); the Markdown one ends with the gains
+  summary.md       one row per cell: its kind's table metrics (mean ± std, the best main metric per dataset
+                   in bold) and the mean test attention on positive instances where the bags have instance
+                   labels (the table `qgmil demo` prints)
+  auroc.md, calibration.md   classification: the same grid for AUROC, and for ECE and Brier (lowest in bold)
+  survival.md, regression.md, multilabel.md   the same grid for every table metric of that kind (written
+                   when the benchmark has a dataset of the kind)
+  gains.csv        best QG-MIL variant vs best baseline per dataset on the main metric, and their mean per
+                   kind; the gain is signed so that positive = QG-MIL better
+  ablation.md/.csv with full qgmil and at least one one-off variant: each variant's main metric and its change,
                    and each variant vs full qgmil paired per (seed, fold): Wilcoxon, t-test
-  significance.md/.csv   best QG-MIL variant vs each baseline, paired per (seed, fold): Wilcoxon, t-test
+  significance.md/.csv   best QG-MIL variant vs each baseline on the main metric, paired per (seed, fold):
+                   Wilcoxon, t-test
   attention_mass.md/.csv  concentration (and localisation) of each cell's test attention
-  results.png, ranks.png  macro-F1 bars per dataset; average rank of each model (matplotlib)
+  results.png, ranks.png  main-metric bars per dataset (a panel per kind); average rank of each model over
+                   all datasets, each ranked on its kind's main metric (matplotlib)
   tuning.md/.csv   with `tune`: per cell the trials spent (complete, pruned, failed, trial-epochs) and the
                    chosen settings over the outer folds (most frequent choice, median and range)
   failures.txt     the cells that failed in the last session and their tracebacks (absent when none did;
@@ -45,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..rundir.config import ConfigError, RunConfig, format_validation_error, load_config, parse_yaml, read_yaml
 from ..rundir.directory import RunDir
 from ..slurm import SlurmOptions
+from ..task_specs import TABLE_METRICS
 
 MODEL_GROUPS = ("ablation", "baselines")
 PRESETS = ("builtin", "demo")  # qgmil/bench/presets/<name>.yaml
@@ -115,6 +128,16 @@ class Cell:
     @property
     def rundir(self) -> RunDir:
         return RunDir(self.run_dir)
+
+    @property
+    def kind(self) -> str:
+        """The task kind of the cell's dataset: which of the report's per-task tables the cell goes to."""
+        return self.config.task.kind
+
+    @property
+    def main_metric(self) -> str:
+        """What the report compares for this kind (task_specs.TABLE_METRICS, first): gains, tests, ranks."""
+        return TABLE_METRICS[self.kind][0]
 
     @property
     def finished(self) -> bool:
@@ -290,10 +313,6 @@ def plan_cells(spec: BenchSpec, out: str | Path, *, progress: bool = False) -> l
                     check_space(config)
             except ConfigError as err:
                 raise BenchmarkError(f"{label} on {dataset}: {err}".replace("command line: ", "")) from None
-            if config.task.kind != "classification":  # its tables, tests and plots read classification metrics
-                raise BenchmarkError(f"dataset {dataset}: task {config.task.kind}; `qgmil benchmark` builds "
-                                     "classification tables only so far (train or tune each model with `qgmil train "
-                                     f"--task {config.task.kind}` / `qgmil tune`)")
             cells.append(Cell(len(cells), dataset, label, model.name, config, out / "runs" / dataset / label,
                               tuned=spec.tune is not None))
     return cells

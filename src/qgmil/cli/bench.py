@@ -46,7 +46,9 @@ def benchmark(bench_file, builtin, datasets, models, folds, seeds, workers, tune
     `qgmil benchmark --datasets musk1,elephant --models ablation,abmil --out BENCH` writes one run per
     model x dataset under BENCH/runs/, then results.md/.csv/.tex (macro-F1, best in bold, gain of QG-MIL
     over the best baseline), summary.md, auroc.md, calibration.md, gains.csv, ablation.md, significance.md/.csv
-    (paired per-fold tests), attention_mass.md/.csv and results.png, ranks.png. BENCH_FILE (YAML:
+    (paired per-fold tests), attention_mass.md/.csv and results.png, ranks.png. Datasets of other tasks
+    (survival, regression, multilabel) may be mixed in: every table is built per task on its own metrics
+    (C-index, R², macro AUROC first), with survival.md, regression.md or multilabel.md. BENCH_FILE (YAML:
     datasets, models, folds, seeds, tune, workers, executor, slurm, train) sets the same; flags override it.
     `--tune N` tunes every model inside each outer fold with N trials (and writes tuning.md);
     `--executor slurm` submits a SLURM array task per cell. Rerun to continue: finished cells are skipped.

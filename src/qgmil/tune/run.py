@@ -91,6 +91,7 @@ class FoldStudy:
         # the task again from the trial's settings (optim.label_smoothing, optim.class_weights may be tuned)
         task = make_task(config, self.opened.task.names, self.opened.task.state)  # the run-level state (for_run)
         trainer = FoldTrainer(config, self.opened.ctx, task, self.opened.data.in_dim, {})
+        loss_column = f"val_{task.loss_metric}"  # the task's validation loss: nll (classification), loss (others)
         scores, epochs = [], 0
         for j, inner in enumerate(self.inner):
 
@@ -103,8 +104,10 @@ class FoldStudy:
                 if value is None or math.isnan(value):
                     return
                 # ties broken by the validation loss, as early stopping breaks them: on small validation parts
-                # macro-F1 moves in steps, and a curve flat at chance level must rank below a learning one
-                loss = min(float(row.get("val_nll", 0.0)), 100.0)
+                # macro-F1 (or a C-index) moves in steps, and a curve flat at chance level must rank below a
+                # learning one; an undefined loss breaks no tie
+                loss = float(row.get(loss_column, 0.0))
+                loss = 0.0 if math.isnan(loss) else min(loss, 100.0)
                 trial.report(value + self.loss_sign * 1e-4 * loss, j * config.optim.epochs + epoch)
                 if trial.should_prune():
                     raise optuna().TrialPruned()
