@@ -5,6 +5,7 @@
   extract.py  qgmil extract wsi|cells|encoders
   train.py    qgmil train, qgmil evaluate, qgmil predict
   explain.py  qgmil explain mass|heatmap|cells
+  export.py   qgmil export features (to TRIDENT, CLAM, STAMP layouts)
   bench.py    qgmil benchmark, qgmil demo
   options.py  options several commands share
 
@@ -19,7 +20,7 @@ import sys
 import click
 
 from .. import __version__
-from . import bench, data, explain, extract, models, train
+from . import bench, data, explain, export, extract, models, train
 
 
 # errnos of a write the file system refused: the message says "cannot write PATH"
@@ -65,5 +66,5 @@ def main():
 
 # In the order of the pipeline; `qgmil --help` lists them alphabetically.
 for command in (models.models, models.convert_official_cmd, data.datasets, data.data, extract.extract, train.train, train.tune,
-                train.evaluate, train.predict, explain.explain, bench.benchmark, bench.demo):
+                train.evaluate, train.predict, explain.explain, export.export, bench.benchmark, bench.demo):
     main.add_command(command)

@@ -9,6 +9,11 @@ Layouts read (all give `features` (N, D); coordinates and provenance travel alon
   npy      .npy a (N, D) array, loaded without pickle
 Every other dataset in the file (e.g. `instance_labels`, cell names) is kept in `Bag.extras`.
 
+Layouts written: qgmil's own (`write_bag`; with TRIDENT's patching attributes on `coords` when the bag comes from
+a slide, so that TRIDENT's readers take qgmil's files as they are), and the three peers' exactly as their own code
+writes them (`write_trident_bag`, `write_clam_bag` + `write_clam_pt`, `write_stamp_bag`: dataset names, dtypes,
+attribute names, types and places), from what any layout records about its tiles (`TileFacts`).
+
 Every reader first checks what the file declares against `BagLimits` (instances, dim, bytes, and declared
 versus stored bytes), its dtype (real numbers only) and its coordinates' shape, so that a corrupt or
 hostile header is refused by name instead of allocating terabytes or reading fill values.
@@ -16,6 +21,7 @@ hostile header is refused by name instead of allocating terabytes or reading fil
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,8 @@ from typing import Any
 import h5py
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..atomic import atomic_write
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth", ".npy")
 QGMIL_FORMAT = "qgmil-bag"
@@ -415,26 +423,32 @@ def write_bag(
     coord_unit: str = "px",
     attrs: dict[str, Any] | None = None,
     extras: dict[str, Any] | None = None,
+    coords_attrs: dict[str, Any] | None = None,
 ) -> Path:
     """Write a bag in this project's layout, atomically (temp file then rename).
 
     features (N, D) float; coords (N, 2) level-0 px (or `coord_unit`); attrs: provenance written as
-    root attributes (None values skipped); extras: other per-bag datasets (arrays or lists of str).
+    root attributes (None values skipped); extras: other per-bag datasets (arrays or lists of str);
+    coords_attrs: attributes of the `coords` dataset (where TRIDENT reads its patching facts:
+    `trident_coords_attrs`). qgmil reads its own from the root, so files without them read as before.
     """
     from .. import __version__
-    from ..atomic import atomic_write
 
     path = Path(path)
     features = np.asarray(features)
     _check_shape(features.shape, path)
     if coords is not None and np.shape(coords) != (features.shape[0], 2):
         raise BagFileError(f"{path}: coords shape {coords.shape} does not match {features.shape[0]} instances")
+    if coords_attrs and coords is None:
+        raise BagFileError(f"{path}: coords attributes ({', '.join(coords_attrs)}) given without coords")
+
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"format": QGMIL_FORMAT, "format_version": QGMIL_FORMAT_VERSION, "qgmil_version": __version__})
             f.create_dataset("features", data=features)
             if coords is not None:
                 f.create_dataset("coords", data=coords)
+                f["coords"].attrs.update(coords_attrs or {})
                 f.attrs["coord_unit"] = coord_unit
             for key, value in (attrs or {}).items():
                 if value is not None:
@@ -446,3 +460,264 @@ def write_bag(
                     f.create_dataset(key, data=np.asarray(value))
 
     return atomic_write(path, write)
+
+
+# --- peer layouts, written ------------------------------------------------------------------------------------
+#
+# As the peers' own code writes them (checked against files they wrote, in tests/test_peer_outputs.py):
+#   TRIDENT  `features` float32 (attrs encoder, name, savetodir) and `coords` int64 level-0 px carrying the patching
+#            attributes, as whole numbers (trident/IO.py coords_to_h5); both growable along the first axis
+#   CLAM     `features` float32 and `coords` int32 level-0 px, growable, no attribute at all; the .pt holds the plain
+#            float32 (N, D) tensor (torch.save), which torch.load(weights_only=True) reads
+#   STAMP    `feats` float16 and `coords` float32 in micrometres, fixed size, STAMP's root attributes
+
+PEER_LAYOUTS = ("trident", "clam", "stamp")
+#: the STAMP release whose files `write_stamp_bag` matches. STAMP refuses files naming a newer release than its own,
+#: so this is the release the layout was checked against, never qgmil's version.
+STAMP_LAYOUT_VERSION = "2.5.0"
+#: TRIDENT's patching attributes that are whole numbers (its readers pass them to read_region as sizes)
+TRIDENT_INT_ATTRS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification",
+                     "level0_width", "level0_height", "overlap")
+_PEER_DTYPES = {"trident": ("float32", "int64"), "clam": ("float32", "int32"), "stamp": ("float16", "float32")}
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def trident_coords_attrs(*, name: str, patch_size: float, patch_size_level0: float, level0_magnification: float,
+                         level0_width: float, level0_height: float, target_magnification: float | None = None,
+                         overlap: float = 0, savetodir: str | Path = "") -> dict[str, Any]:
+    """TRIDENT's attributes of `coords` as TRIDENT writes them (trident/IO.py coords_to_h5): whole numbers, since its
+    readers use them as such (`read_region(xy, 0, (patch_size_level0, patch_size_level0))`, slide encoders).
+
+    qgmil's own sizes may be fractional (a tile read at a level of downsample 4.0003 covers 1024.08 level-0 px, an
+    mpp of 0.2527 is 39.6x), so they are rounded here; qgmil keeps the exact values among its root attributes.
+    target_magnification default: level0_magnification x patch_size / patch_size_level0 (TRIDENT's own relation).
+    """
+    if target_magnification is None:
+        target_magnification = level0_magnification * patch_size / patch_size_level0
+    values = {"patch_size": patch_size, "patch_size_level0": patch_size_level0,
+              "level0_magnification": level0_magnification, "target_magnification": target_magnification,
+              "level0_width": level0_width, "level0_height": level0_height, "overlap": overlap}
+    attrs: dict[str, Any] = {key: np.int64(round(float(value))) for key, value in values.items()}
+    for key in ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification"):
+        # TRIDENT divides by these (patch_size * src_mag // target_mag): never 0, even for a 0.4x overview
+        attrs[key] = max(attrs[key], np.int64(1))
+    return {**attrs, "name": str(name), "savetodir": str(savetodir)}
+
+
+def _positive(value) -> float | None:
+    """A finite number > 0, or None (absent, text, a list, 0, NaN)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+@dataclass(frozen=True)
+class TileFacts:
+    """What a feature file records about its tiles, in the terms each layout needs, whichever layout wrote it.
+
+    Read from (attribute names): qgmil (root: mpp, patch_size_level0, patch_size_px, patch_size_um, magnification,
+    slide_width/height, encoder), TRIDENT (on coords: patch_size_level0, patch_size, level0_magnification,
+    target_magnification, level0_width/height, overlap; encoder on features), CLAM (patch_size at patch_level 0),
+    STAMP (tile_size_um, tile_size_px, extractor; coords in um). What a file does not record is None.
+    """
+
+    coord_unit: str  # of the file's coords: "px" (level-0 pixels) or "um"
+    mpp: float | None = None  # level-0 micrometres per pixel
+    patch_size_level0: float | None = None  # tile side in level-0 px
+    patch_px: int | None = None  # tile side as the encoder saw it, in px
+    tile_um: float | None = None  # tile side in micrometres
+    level0_magnification: float | None = None
+    target_magnification: float | None = None
+    level0_size: tuple[int, int] | None = None  # (width, height) in px
+    overlap: int = 0  # px between neighbouring tiles (TRIDENT)
+    encoder: str | None = None
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], layout: str, mpp: float | None = None) -> TileFacts:
+        """`attrs` as `read_attrs` returns them (root attributes win over the datasets'); `mpp`: the level-0
+        resolution to assume when the file records none (the file's own wins)."""
+        def first(*keys):
+            return next((v for v in (_positive(attrs.get(k)) for k in keys) if v is not None), None)
+
+        unit = str(attrs.get("coord_unit") or attrs.get("unit") or ("um" if layout == "stamp" else "px"))
+        mpp = first("mpp") or _positive(mpp)
+        tile_um = first("tile_size_um", "patch_size_um")
+        ps0 = first("patch_size_level0")
+        if ps0 is None and tile_um and mpp:
+            ps0 = tile_um / mpp
+        if ps0 is None and attrs.get("patch_level") == 0:  # CLAM: patch_size is in px of patch_level
+            ps0 = first("patch_size")
+        if tile_um is None and ps0 and mpp:
+            tile_um = ps0 * mpp
+        patch_px = first("patch_size_px", "tile_size_px", "patch_size")
+        magnification = first("magnification", "level0_magnification") or (10.0 / mpp if mpp else None)
+        target = first("target_magnification")
+        if target is None and magnification and patch_px and ps0:
+            target = magnification * patch_px / ps0
+        width, height = first("level0_width", "slide_width"), first("level0_height", "slide_height")
+        encoder = next((str(attrs[k]) for k in ("encoder", "extractor") if attrs.get(k)), None)
+        return cls(unit, mpp, ps0, None if patch_px is None else int(round(patch_px)), tile_um, magnification, target,
+                   (int(width), int(height)) if width and height else None, int(first("overlap") or 0), encoder)
+
+    def missing(self, layout: str) -> list[str]:
+        """What writing `layout` needs that the file does not record (empty: it can be written)."""
+        unit = "um" if layout == "stamp" else "px"
+        need = []
+        if self.coord_unit not in ("px", "um"):
+            need.append(f"coords in level-0 px or um (they are in {self.coord_unit!r})")
+        elif self.coord_unit != unit and not self.mpp:
+            need.append(f"the slide's resolution (mpp, um/px) to convert its coords from {self.coord_unit} to {unit}")
+        if layout == "trident":
+            if not self.patch_size_level0:
+                need.append("the tile size in level-0 px (patch_size_level0, or tile_size_um and the mpp)")
+            if not self.level0_magnification:
+                need.append("the slide's magnification or resolution (mpp)")
+        if layout == "stamp" and not self.tile_um:
+            need.append("the tile size in um (tile_size_um / patch_size_um, or patch_size_level0 and the mpp)")
+        if layout in ("trident", "stamp") and not self.patch_px:
+            need.append("the tile size in px (patch_size_px / patch_size / tile_size_px)")
+        return need
+
+    def coords_in(self, coords: np.ndarray, unit: str) -> np.ndarray:
+        """The file's coords (N, 2) in `unit` ("px" level-0 pixels or "um"), float64."""
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+        if unit == self.coord_unit:
+            return coords
+        if not self.mpp or {unit, self.coord_unit} != {"px", "um"}:
+            raise BagFileError(f"cannot convert coords from {self.coord_unit!r} to {unit!r}"
+                               + ("" if self.mpp else " without the slide's mpp"))
+        return coords * self.mpp if unit == "um" else coords / self.mpp
+
+
+def _whole(coords: np.ndarray, dtype, path: Path) -> np.ndarray:
+    """Level-0 px as the peers' integers: rounded (coords that went through micrometres are a hair off)."""
+    rounded = np.rint(np.asarray(coords, dtype=np.float64))
+    limits = np.iinfo(dtype)
+    if rounded.size and (rounded.min() < limits.min or rounded.max() > limits.max):
+        raise BagFileError(f"{path}: coords up to {rounded.max():,.0f} px do not fit {np.dtype(dtype).name}")
+    return rounded.astype(dtype)
+
+
+def _growable(f: h5py.File, name: str, data: np.ndarray) -> h5py.Dataset:
+    """A dataset as TRIDENT's save_h5 and CLAM's save_hdf5 make them: chunked, growable along the first axis (they
+    append batch by batch, and so may a peer's script that adds to the file)."""
+    chunks = (max(1, min(len(data), 1024)), *data.shape[1:])  # bigger than theirs (1, D): the same layout, read faster
+    return f.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), chunks=chunks)
+
+
+def _checked_features(features: np.ndarray, path: Path) -> np.ndarray:
+    features = np.asarray(features)
+    _check_shape(features.shape, path)
+    _check_dtype(features.dtype, path)
+    return _as_2d(features)
+
+
+def write_trident_bag(path: str | Path, features: np.ndarray, coords_px: np.ndarray, facts: TileFacts, *,
+                      encoder: str) -> Path:
+    """TRIDENT's `features_<encoder>/<slide>.h5` (slide: the file's stem), atomically. coords_px: (N, 2) level-0 px;
+    facts: the tiles' sizes and magnifications (`TileFacts.missing("trident")` empty). Where the slide's size is not
+    recorded, level0_width/height are the tiles' far edges (the least the slide must measure)."""
+    path = Path(path)
+    features = _checked_features(features, path).astype(np.float32, copy=False)
+    coords = _whole(coords_px, np.int64, path)
+    size = facts.level0_size or _extent(coords, facts.patch_size_level0)
+    coords_attrs = trident_coords_attrs(
+        name=path.stem, patch_size=facts.patch_px, patch_size_level0=facts.patch_size_level0,
+        level0_magnification=facts.level0_magnification, target_magnification=facts.target_magnification,
+        level0_width=size[0], level0_height=size[1], overlap=facts.overlap, savetodir=path.parent.parent)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            _growable(f, "features", features).attrs.update(
+                {"encoder": str(encoder), "name": path.stem, "savetodir": str(path.parent)})
+            _growable(f, "coords", coords).attrs.update(coords_attrs)
+
+    return atomic_write(path, write)
+
+
+def _extent(coords: np.ndarray, patch: float | None) -> tuple[int, int]:
+    if not len(coords):
+        return 0, 0
+    far = coords.max(axis=0) + (patch or 0)
+    return int(math.ceil(far[0])), int(math.ceil(far[1]))
+
+
+def write_clam_bag(path: str | Path, features: np.ndarray, coords_px: np.ndarray) -> Path:
+    """CLAM's `h5_files/<slide>.h5`, atomically: features float32, coords int32 level-0 px, no attributes."""
+    path = Path(path)
+    features = _checked_features(features, path).astype(np.float32, copy=False)
+    coords = _whole(coords_px, np.int32, path)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            _growable(f, "features", features)
+            _growable(f, "coords", coords)
+
+    return atomic_write(path, write)
+
+
+def write_clam_pt(path: str | Path, features: np.ndarray) -> Path:
+    """CLAM's `pt_files/<slide>.pt`, atomically: the plain float32 (N, D) tensor, as CLAM's extract_features_fp.py
+    saves it (torch.save of a tensor: torch.load(weights_only=True) reads it, nothing to unpickle)."""
+    import torch
+
+    path = Path(path)
+    tensor = torch.from_numpy(np.ascontiguousarray(_checked_features(features, path), dtype=np.float32))
+    return atomic_write(path, lambda tmp: torch.save(tensor, tmp))
+
+
+def write_stamp_bag(path: str | Path, features: np.ndarray, coords_um: np.ndarray, facts: TileFacts, *,
+                    extractor: str) -> Path:
+    """STAMP's `<extractor>/<slide>.h5`, atomically: feats float16, coords float32 in um, STAMP's root attributes
+    (`TileFacts.missing("stamp")` empty), plus `mpp` (the slide's level-0 um/px, not one of STAMP's: it takes the
+    coords back to level-0 pixels exactly). Features beyond float16's range are refused, not written as inf."""
+    path = Path(path)
+    features = _checked_features(features, path)
+    peak = float(np.nanmax(np.abs(features))) if features.size else 0.0
+    if peak > _FLOAT16_MAX:
+        raise BagFileError(f"{path}: features reach {peak:,.6g}, beyond float16's {_FLOAT16_MAX:,.0f}, and STAMP "
+                           "stores float16: scale the features first")
+    import hashlib
+
+    attrs = {
+        "stamp_version": STAMP_LAYOUT_VERSION, "extractor": str(extractor), "unit": "um",
+        "tile_size_um": float(facts.tile_um), "tile_size_px": np.int64(facts.patch_px),
+        # STAMP's code_hash names the extractor's code; here the encoder's name and weights, as qgmil records them
+        "code_hash": hashlib.sha256(str(extractor).encode()).hexdigest()[:8], "feat_type": "tile",
+    }
+    if facts.mpp:
+        attrs["mpp"] = float(facts.mpp)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("feats", data=features.astype(np.float16))
+            f.create_dataset("coords", data=np.asarray(coords_um, dtype=np.float32).reshape(-1, 2))
+            f.attrs.update(attrs)
+
+    return atomic_write(path, write)
+
+
+def peer_layout_of(path: str | Path) -> str | None:
+    """The peer layout ("trident", "clam", "stamp") `path` is in exactly as that peer writes it (its datasets'
+    dtypes, and for TRIDENT its whole-number attributes on coords, for STAMP its tile size), else None. Such a file
+    can be hard-linked into that peer's folder instead of rewritten."""
+    path = _check_file(path)
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        return None
+    with _open_h5(path) as f:
+        layout, key = _h5_layout(f, path)
+        if layout not in _PEER_DTYPES or not isinstance(f.get("coords"), h5py.Dataset):
+            return None
+        if (str(f[key].dtype), str(f["coords"].dtype)) != _PEER_DTYPES[layout]:
+            return None
+        coords_attrs = f["coords"].attrs
+        if layout == "trident" and not all(
+                k in coords_attrs and np.asarray(coords_attrs[k]).dtype.kind in "iu" for k in TRIDENT_INT_ATTRS):
+            return None
+        if layout == "stamp" and "tile_size_um" not in f.attrs:
+            return None
+        return layout

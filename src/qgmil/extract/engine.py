@@ -65,7 +65,8 @@ class BagSource:
 class PreparedBag:
     """A bag ready to encode: a dataset of images plus what goes into its feature file besides features.
 
-    dataset items: (H, W, 3) uint8 RGB tensors, all of one size within a bag.
+    dataset items: (H, W, 3) uint8 RGB tensors, all of one size within a bag. coords_attrs: attributes of the
+    `coords` dataset (a slide's: TRIDENT's patching attributes, where TRIDENT reads them).
     """
 
     source: BagSource
@@ -73,6 +74,7 @@ class PreparedBag:
     coords: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    coords_attrs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -419,7 +421,7 @@ def _extract_one(source: BagSource, prepared: Future, out: Path, encoder, device
                  "encoder_weights": encoder.weights, "feature_dim": int(features.shape[1]), **bag.attrs,
                  "extracted_by": job}
         locks.verify(source.bag_id)  # another job took the bag over (this one had stopped beating): it writes
-        write_bag(target, features, bag.coords, attrs=attrs, extras=bag.extras)
+        write_bag(target, features, bag.coords, attrs=attrs, extras=bag.extras, coords_attrs=bag.coords_attrs)
     except (KeyboardInterrupt, SystemExit):
         raise
     except LockBusy as lost:

@@ -3,8 +3,9 @@
     extract_slides(["slides/"], "features_uni", encoder="uni", magnification=20, tile_px=256)
 
 writes features/<slide>.h5 (features (N, D), coords (N, 2) level-0 px of each tile's top-left corner,
-tissue_fraction (N,), provenance attributes) and masks/<slide>.png (the tissue mask over the thumbnail, to
-check the segmentation), see `engine` for the rest of the folder.
+tissue_fraction (N,), provenance attributes at the root, and on `coords` TRIDENT's patching attributes, so that
+TRIDENT's heatmaps and slide encoders read the file as it is) and masks/<slide>.png (the tissue mask over the
+thumbnail, to check the segmentation), see `engine` for the rest of the folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.bagfile import trident_coords_attrs
 from ..runtime import init_distributed
 from .engine import (BagSource, ExtractError, ExtractSummary, PreparedBag, check_run_options, is_finite, is_whole,
                      make_manifest, parse_shard, run_extraction)
@@ -144,7 +146,13 @@ def prepare_slide(source: BagSource, settings: TilingSettings, out: Path) -> Pre
         attrs["empty_reason"] = (f"no tile with >= {settings.min_tissue:.0%} tissue{where} "
                                  "(lower --min-tissue or --tissue-threshold)")
     dataset = TileDataset(path, tiling, max_pixels=settings.max_image_pixels)
-    return PreparedBag(source, dataset, tiling.coords, attrs, {"tissue_fraction": tiling.tissue})
+    # The slide's objective power: the scanner's word when recorded, else the 20x = 0.5 um/px convention the
+    # tiling uses (tiling at a magnification or a tile size needs the mpp, so one of them is known here).
+    magnification = slide_mag or (10.0 / slide_mpp if slide_mpp else None)
+    trident = {} if magnification is None else trident_coords_attrs(
+        name=source.bag_id, patch_size=tiling.tile_px, patch_size_level0=tiling.patch_size_level0,
+        level0_magnification=magnification, level0_width=size[0], level0_height=size[1], savetodir=out)
+    return PreparedBag(source, dataset, tiling.coords, attrs, {"tissue_fraction": tiling.tissue}, trident)
 
 
 def extract_slides(
