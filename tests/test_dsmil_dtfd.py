@@ -76,6 +76,26 @@ def official_dsmil(model: DSMIL, bag: torch.Tensor):
     return classes, C, A, B
 
 
+def test_dsmil_without_class_labels_trains_its_instance_classifier_through_the_mean_logit():
+    """The max stream picks the critical instances; only its CE trains it, which needs class labels. Trained on
+    `logits` alone (another task's loss), train_combine="mean_logit" gives it a gradient, "bag" none."""
+    x, mask = padded()
+    grads = {}
+    for combine in ("bag", "mean_logit"):
+        model = build_dsmil(num_classes=1, train_combine=combine).train()
+        out = model(x, mask)  # no labels: no max-instance CE
+        assert out.aux_losses == {}
+        out.logits.sum().backward()
+        grads[combine] = model.instance_head.weight.grad
+    assert grads["bag"] is None or float(grads["bag"].abs().sum()) == 0
+    assert float(grads["mean_logit"].abs().sum()) > 0
+    assert DSMIL.without_class_labels == {"train_combine": "mean_logit", "eval_combine": "mean_logit"}
+    model = build_dsmil(num_classes=1, train_combine="mean_logit", eval_combine="mean_logit")
+    out = model.train()(x, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, mask).logits, out.logits.detach())  # trained as it predicts
+
+
 @pytest.mark.parametrize("overrides", [
     {}, {"embed_dim": None}, {"nonlinear_q": False}, {"passing_v": True}, {"num_classes": 2},
     {"embed_dim": None, "passing_v": True},

@@ -516,6 +516,14 @@ def test_class_label_losses_are_off_for_other_tasks_with_a_note(tmp_path):
     notes = json.loads((out / "run.json").read_text())["notes"]
     assert notes == ["clam_sb: auxiliary loss(es) instance need class labels and are off for task regression "
                      "(the model trains on the task's loss alone)"]
+    # DSMIL's max stream would get no gradient: it trains and predicts on the mean of both streams instead
+    out, _ = _run(tmp_path / "dsmil", "digit-bags-regression", "--epochs", "1", model="dsmil", bags=60)
+    notes = json.loads((out / "run.json").read_text())["notes"]
+    assert notes[1] == "dsmil: without class labels it trains with train_combine=mean_logit, eval_combine=mean_logit"
+    from qgmil.checkpoint import read_metadata
+
+    config = read_metadata(out / "folds" / "seed0-fold0" / "best.safetensors")["config"]
+    assert (config["train_combine"], config["eval_combine"]) == ("mean_logit", "mean_logit")
 
 
 def test_tuning_optimises_the_tasks_metric(tmp_path):

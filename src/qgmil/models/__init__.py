@@ -5,7 +5,9 @@ import pkgutil
 
 from .base import MILModel, MILOutput, ModelConfig
 from .qgmil import ABLATION_SET, QGMIL, QGMILConfig
-from .registry import TAGS, check_model, create_model, is_qgmil, list_models, model_entry, register_model
+from .registry import (
+    TAGS, check_model, create_model, is_qgmil, list_models, model_entry, register_model, run_overrides,
+)
 
 __all__ = [
     "ABLATION_SET",
@@ -17,6 +19,7 @@ __all__ = [
     "QGMILConfig",
     "check_model",
     "create_model",
+    "run_overrides",
     "is_qgmil",
     "list_models",
     "model_entry",

@@ -132,6 +132,11 @@ class MILModel(nn.Module):
     CE, ...): trained for classification only; the other tasks (survival, regression, multi-label) give the
     model no `labels`, train without them and say so in run.json's notes."""
 
+    without_class_labels: ClassVar[dict] = {}
+    """Config changes for training without class labels (the other tasks), where the model's output would
+    otherwise rest on a part only a class-label loss trains (DSMIL's max-instance stream); a run's own
+    `model.overrides` win (`registry.run_overrides`)."""
+
     search_space: ClassVar[dict] = {}
     """What `qgmil tune` may vary of this architecture besides the learning rate and weight decay: config field ->
     `search.Float | Int | Choice`. A preset's own fields are left out (they are what the preset is)."""

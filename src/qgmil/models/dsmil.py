@@ -99,6 +99,10 @@ class DSMILConfig(ModelConfig):
     """Weight of the max-pooling CE relative to the bag CE (official 0.5 : 0.5, i.e. 1)."""
     eval_combine: Literal["mean_prob", "bag", "mean_logit"] = "mean_prob"
     """Eval-mode prediction: mean of the two streams' probabilities (official), bag stream, mean logit."""
+    train_combine: Literal["bag", "mean_logit"] = "bag"
+    """Training-mode `logits`: the bag stream (official: the max stream trains through its own CE), or the
+    mean logit 0.5 (bag + m), so that a loss on `logits` alone trains both streams (tasks without class
+    labels: `without_class_labels`)."""
 
 
 def bag_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -125,6 +129,9 @@ class DSMIL(MILModel):
     arch = "dsmil"
     Config = DSMILConfig
     class_label_losses = ("max_instance_ce",)  # need class labels: classification only
+    # Without it the max stream (the instance classifier that picks the critical instances) gets no gradient,
+    # yet the official prediction mixes it in: train and predict on the mean logit, which the task's loss trains.
+    without_class_labels = {"train_combine": "mean_logit", "eval_combine": "mean_logit"}
     search_space = {"dropout": DROPOUT, "embed_dim": Choice((None, 128, 256))}
     tags = ("baseline", "multi_branch")
     branches_are_classes = True  # one critical-instance attention per class
@@ -184,9 +191,10 @@ class DSMIL(MILModel):
         chunk = None if torch.is_grad_enabled() else self.inference_chunk
         bag_logits, max_logits, _, branch_attention, class_embeddings = self.streams(x, mask, chunk)
 
-        if self.training or cfg.eval_combine == "bag":
+        combine = cfg.train_combine if self.training else cfg.eval_combine
+        if combine == "bag":
             logits = bag_logits
-        elif cfg.eval_combine == "mean_logit":
+        elif combine == "mean_logit":
             logits = 0.5 * (bag_logits + max_logits)
         else:
             logits = mean_probability_logits(bag_logits, max_logits).to(bag_logits.dtype)

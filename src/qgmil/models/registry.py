@@ -145,6 +145,12 @@ def create_model(name: str, *, in_dim: int, num_classes: int, **overrides) -> MI
     return model
 
 
+def run_overrides(name: str, overrides: dict, *, class_labels: bool) -> dict:
+    """The config overrides a run builds model `name` with: without class labels (tasks other than
+    classification) the architecture's `without_class_labels` changes first, the run's `overrides` winning."""
+    return dict(overrides) if class_labels else {**model_entry(name).arch.without_class_labels, **overrides}
+
+
 def architecture(arch: str) -> type[MILModel]:
     if arch not in _ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(_ARCHITECTURES))}")

@@ -23,7 +23,7 @@ from ..checkpoint import load_model, read_metadata, save_model
 from ..data import MILDataset, make_loader, set_epoch
 from ..data.splits import Fold
 from ..evaluate.inference import infer
-from ..models import MILModel, create_model
+from ..models import MILModel, create_model, run_overrides
 from ..rundir import FoldDir, RunConfig, write_attention
 from ..rundir.directory import write_csv
 from ..runtime import Dist, all_gather, autocast, autocast_dtype, barrier
@@ -103,8 +103,9 @@ class FoldTrainer:
 
     def _model(self, seed: int) -> MILModel:
         torch.manual_seed(seed)
-        model = create_model(self.config.model.name, in_dim=self.in_dim, num_classes=self.task.out_dim,
-                             **self.config.model.overrides)
+        name = self.config.model.name
+        overrides = run_overrides(name, self.config.model.overrides, class_labels=self.task.needs_class_labels)
+        model = create_model(name, in_dim=self.in_dim, num_classes=self.task.out_dim, **overrides)
         return model.to(self.ctx.device)
 
     def _infer(self, model: MILModel, data: MILDataset, task: Task, **kwargs):

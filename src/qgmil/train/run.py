@@ -25,7 +25,7 @@ from .. import __version__
 from ..data import DataError, Fold, MILDataset, Splits, check_dataset, load_or_make_splits, prepare_dataset, read_attrs
 from ..evaluate.report import write_report
 from ..data.table import read_table
-from ..models import create_model, model_entry
+from ..models import create_model, model_entry, run_overrides
 from ..rundir import RunConfig, RunDir, RunDirError
 from ..runtime import Dist, barrier, broadcast, init_distributed
 from ..tasks import Task, make_task, parse_targets, target_columns
@@ -123,7 +123,8 @@ def _validate(config: RunConfig, run: RunDir, data: MILDataset, task: Task, spli
             problems.append(f"{run.splits}: fold {fold.name} has no {' and no '.join(empty)} bags "
                             "(a table's split column needs train and test rows)")
     try:
-        create_model(config.model.name, in_dim=data.in_dim, num_classes=task.out_dim, **config.model.overrides)
+        create_model(config.model.name, in_dim=data.in_dim, num_classes=task.out_dim,
+                     **run_overrides(config.model.name, config.model.overrides, class_labels=task.needs_class_labels))
     except Exception as err:  # whatever the architecture raises for these settings
         problems.append(f"model.name {config.model.name} with model.overrides {config.model.overrides}: cannot be "
                         f"built for {data.in_dim}-dim features and {task.out_dim} outputs ({err})")
@@ -133,11 +134,16 @@ def _validate(config: RunConfig, run: RunDir, data: MILDataset, task: Task, spli
 
 def task_notes(config: RunConfig) -> list[str]:
     """What the task changes about the model's training (class-label auxiliary losses off), for run.json."""
-    losses = model_entry(config.model.name).arch.class_label_losses
-    if config.task.kind == "classification" or not losses:
+    arch = model_entry(config.model.name).arch
+    if config.task.kind == "classification" or not arch.class_label_losses:
         return []
-    return [f"{config.model.name}: auxiliary loss(es) {', '.join(losses)} need class labels and are off for task "
-            f"{config.task.kind} (the model trains on the task's loss alone)"]
+    notes = [f"{config.model.name}: auxiliary loss(es) {', '.join(arch.class_label_losses)} need class labels and "
+             f"are off for task {config.task.kind} (the model trains on the task's loss alone)"]
+    changed = {k: v for k, v in arch.without_class_labels.items() if k not in config.model.overrides}
+    if changed:
+        notes.append(f"{config.model.name}: without class labels it trains with "
+                     f"{', '.join(f'{k}={v}' for k, v in changed.items())}")
+    return notes
 
 
 def _take_lock(run: RunDir, ctx: Dist, hold: contextlib.ExitStack) -> None:
