@@ -83,7 +83,11 @@ class Browser:
         self._buffer = b""
         self._next_id = 0
         self._events: list[dict] = []
-        self.version = self.call("Browser.getVersion")["product"]
+        try:
+            self.version = self.call("Browser.getVersion")["product"]
+        except BaseException:  # did not start: leave no process and no profile behind
+            self.close()
+            raise
 
     # --- the protocol -------------------------------------------------------------------------------
 
@@ -139,10 +143,11 @@ class Browser:
         return page
 
     def close(self) -> None:
-        try:
-            self.call("Browser.close", timeout=5)
-        except (BrowserError, OSError):
-            pass
+        if self.process.poll() is None:
+            try:
+                self.call("Browser.close", timeout=5)
+            except (BrowserError, OSError):
+                pass
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
