@@ -1,4 +1,4 @@
-"""`qgmil explain mass|heatmap|cells`: what trained models attend to, from their run directories."""
+"""`qgmil explain mass|heatmap|cells|export|view`: what trained models attend to, from their run directories."""
 
 from __future__ import annotations
 
@@ -85,3 +85,74 @@ def explain_cells(run_dirs, out, bags, top, images):
     written = run_cell_galleries(run_dirs, out, bags=[b.strip() for b in bags.split(",") if b.strip()] if bags else None,
                                  top=top, images=images, progress=True)
     click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+def _bag_list(bags):
+    return [b.strip() for b in bags.split(",") if b.strip()] if bags else None
+
+
+_MAX_PIXELS_HELP = ("Largest plain-image slide (PNG, JPEG, plain TIFF; decoded whole) read, in pixels "
+                    f"[default: ${MAX_PIXELS_ENV} or {DEFAULT_MAX_IMAGE_PIXELS:_}].")
+
+
+@explain.command("export")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["geojson"]), default="geojson", show_default=True,
+              help="geojson: QuPath-compatible GeoJSON (File > Import objects).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for OUT/<bag_id>.geojson.")
+@click.option("--bags", help="Comma-separated bag ids (default: every test bag of the first run).")
+@click.option("--slides", type=click.Path(exists=True, file_okay=False),
+              help="Folder of slides named <bag_id>.<ext>: the annotation is clipped to each slide's size.")
+@click.option("--object-type", type=click.Choice(["detection", "tile"]), default="detection", show_default=True,
+              help="QuPath object type of the tiles.")
+@click.option("--no-branches", is_flag=True, help="Leave out the branch attention of multi-branch runs.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), help=_MAX_PIXELS_HELP)
+def explain_export(run_dirs, fmt, out, bags, slides, object_type, no_branches, max_image_pixels):
+    """Export the test attention of RUN_DIR(s) for other tools: per slide, its tiles as QuPath detections
+    (level-0 polygons) with the attention, its rank and percentile as measurements (per branch too, for
+    multi-branch runs), and one annotation over the tissue with the predicted class.
+
+    Writes OUT/<bag_id>.geojson per slide (patient bags: OUT/<bag_id>__<slide_id>.geojson); with several
+    RUN_DIRs every measurement is named after its run.
+    """
+    from ..explain.qupath import export_geojson
+
+    written = export_geojson(run_dirs, out, bags=_bag_list(bags), slides=slides, object_type=object_type,
+                             branches=not no_branches, echo=lambda m: click.echo(m, err=True), progress=True,
+                             max_pixels=max_image_pixels)
+    click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+@explain.command("view")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--slides", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of slides named <bag_id>.<ext> (patient bags: each slide's id).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the web pages.")
+@click.option("--bags", help="Comma-separated bag ids (default: every test bag of the first run with a slide).")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1),
+              help="Most attended tiles listed per layer.")
+@click.option("--opacity", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="The overlays' opacity when a page opens (a slider changes it).")
+@click.option("--scale", type=click.Choice(["rank", "raw"]), default="rank", show_default=True,
+              help="The overlays' scale when a page opens: percentile rank in the bag, or the raw weight.")
+@click.option("--max-size", default=2048, show_default=True, type=click.IntRange(16),
+              help="Long side of the overlay images (px).")
+@click.option("--tile-size", default=254, show_default=True, type=click.IntRange(16), help="Deep Zoom tile size (px).")
+@click.option("--no-branches", is_flag=True, help="No layer per branch of multi-branch runs.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), help=_MAX_PIXELS_HELP)
+def explain_view(run_dirs, slides, out, bags, top, opacity, scale, max_size, tile_size, no_branches, max_image_pixels):
+    """A slide viewer of the test attention of RUN_DIR(s): static web pages, no server needed.
+
+    Each slide as a Deep Zoom pyramid (OpenSeadragon), one panel per run side by side with synced viewports,
+    the attention as an overlay per run (and per branch of multi-branch runs) with opacity, rank or raw scale
+    and a legend, the most attended tiles (click: go there), and each run's prediction and the label.
+    Writes OUT/index.html, OUT/slides/<bag_id>.html and what they load; open index.html in a browser, or
+    serve the folder: python -m http.server --directory OUT. Nothing is fetched from the network.
+    """
+    from ..explain.viewer import build_viewer
+
+    site = build_viewer(run_dirs, out, slides=slides, bags=_bag_list(bags), top=top, max_size=max_size,
+                        opacity=opacity, scale=scale, tile_size=tile_size, branches=not no_branches,
+                        echo=lambda m: click.echo(m, err=True), progress=True, max_pixels=max_image_pixels)
+    click.echo(f"wrote {site.index} ({len(site.pages)} slide page(s)); open it in a browser "
+               f"({site.index.resolve().as_uri()}) or serve the folder: python -m http.server --directory {out}")

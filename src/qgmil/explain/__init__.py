@@ -6,6 +6,10 @@
   heatmap.py      attention heatmaps over slides (`qgmil explain heatmap`)
   gallery.py      cell galleries (`qgmil explain cells`)
   grid.py         the ranked image grid (most / least attended instances) that heatmap and gallery draw
+  slide_views.py  a slide's tiles, the runs' attention layers over them and their predictions (export, viewer)
+  qupath.py       QuPath-compatible GeoJSON of the tiles and their attention (`qgmil explain export`)
+  deepzoom.py     Deep Zoom pyramids (.dzi + tiles) of slides: OpenSlide's DeepZoomGenerator, or Pillow
+  viewer.py       the static slide viewer (`qgmil explain view`): OpenSeadragon pages, assets in viewer_assets/
 """
 
 from .mass import bag_metrics, format_summary, localisation, lorenz_curve, summarize

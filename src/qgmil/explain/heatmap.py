@@ -4,6 +4,8 @@ at thumbnail scale.
   attention_heatmap(coords, attention, patch_size_level0, scale=...)  -> (H', W') float, NaN off-tissue
   render_overlay(heat, path, background=thumbnail)                     -> PNG (matplotlib Agg, atomic)
   read_thumbnail(slide_path, max_size)                                 -> (RGB uint8, level-0 (W, H))
+  read_slide_size(slide_path)                                          -> level-0 (W, H)
+  slides_by_id(dir), match_slides(dir, ids, ...)                       -> {slide id: file} (`--slides`)
   bag_geometry(feature_file)                                           -> (level-0 coords, patch side)
   run_heatmaps(run_dirs, out, bags=...)                                -> OUT/<bag_id>.png per bag
       branches=True: a panel per attention branch (per class where branch k is class k's); patches=k: also
@@ -206,6 +208,18 @@ def read_thumbnail(slide_path, max_size: int = 2048, *, max_pixels: int | None =
         raise HeatmapError(str(err)) from None
 
 
+def read_slide_size(slide_path, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """Level-0 (W, H) of a slide or plain image (of a plain image, only its header is read)."""
+    path = Path(slide_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such slide")
+    try:
+        with open_slide(path, max_pixels=max_pixels) as slide:
+            return tuple(int(v) for v in slide.dimensions)
+    except SlideError as err:
+        raise HeatmapError(str(err)) from None
+
+
 _SLIDE_ORDER = {s: i for i, s in enumerate(dict.fromkeys(WSI_SUFFIXES + PLAIN_SUFFIXES))}
 
 
@@ -227,11 +241,12 @@ def find_slide(slides_dir, bag_id: str) -> Path | None:
     return slides_by_id(slides_dir).get(bag_id)
 
 
-def _match_slides(slides, wanted: Sequence[str], *, patches: int, tissue_only: bool, warn) -> dict[str, Path]:
+def match_slides(slides, wanted: Sequence[str], *, warn, missing_means: str) -> dict[str, Path]:
     """{slide id: file} for the `wanted` slide ids found in the folder `slides`.
 
     None found is an error (a wrong folder, or files named otherwise) naming the folder, the ids looked for and
-    the names it holds; some missing is a warning naming them and what they go without."""
+    the names it holds; some missing is a warning naming them and what that means (`missing_means`, e.g.
+    "drawn on white")."""
     folder = Path(slides)
     if not folder.is_dir():
         raise HeatmapError(f"--slides {folder}: no such folder")
@@ -245,9 +260,7 @@ def _match_slides(slides, wanted: Sequence[str], *, patches: int, tissue_only: b
         raise HeatmapError(f"{folder}: no slide for any of the bags drawn: looked for {', '.join(missing[:8])}{more} "
                            f"(as <id>.<ext>, ext one of {' '.join(_SLIDE_ORDER)}); the folder holds {holds}")
     if missing:
-        without = ["a slide background"] + (["tissue masking"] if tissue_only else []) + \
-            (["the patch grid"] if patches else [])
-        warn(f"warning: {folder}: no slide for {', '.join(missing)}: drawn on white, without {', '.join(without)}")
+        warn(f"warning: {folder}: no slide for {', '.join(missing)}: {missing_means}")
     return found
 
 
@@ -352,8 +365,10 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
     found = {}
     if slides:
         wanted = list(dict.fromkeys(s for b in bags for s in units[b].slide_ids))
-        found = _match_slides(slides, wanted, patches=patches, tissue_only=tissue_only,
-                              warn=echo or (lambda m: warnings.warn(m, stacklevel=3)))
+        without = ["a slide background"] + (["tissue masking"] if tissue_only else []) + \
+            (["the patch grid"] if patches else [])
+        found = match_slides(slides, wanted, warn=echo or (lambda m: warnings.warn(m, stacklevel=3)),
+                             missing_means=f"drawn on white, without {', '.join(without)}")
     out = Path(out)
     written = []
     for bag_id in tqdm(bags, desc="heatmaps", unit="bag", disable=not progress):

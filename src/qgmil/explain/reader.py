@@ -9,6 +9,8 @@ Every run file is read through `qgmil.rundir` (`RunDir`, `read_attention`), ever
   bag_units(run)                     -> {bag_id: data.Unit}: the run's bags as it built them (slide or patient)
   bag_attention(run, bag_id)         -> a bag's test attention, the mean over the seeds that tested it
   bag_branch_attention(run, bag_id)  -> its (K, N) branch attention (multi-branch models), mean over seeds
+  has_branch_attention(run)          -> whether the run's attention files hold branch attention
+  bag_prediction(run, bag_id)        -> BagPrediction: the bag's test prediction and known target, as numbers and text
   run_names(runs)                    -> one label per run: its model name (with its directory where two share one)
   read_instance_labels(files)        -> a bag's instance labels from its feature files, or None
 
@@ -54,6 +56,9 @@ class RunAttention:
     instance_labels: list[np.ndarray | None] = field(default_factory=list)
     units: dict = field(default_factory=dict)  # bag_id -> data.Unit (its files, slide ids), as the run built bags
     units_error: str | None = None  # why the run's dataset could not be read (then `units` is empty)
+    predictions: pd.DataFrame | None = None  # every column of predictions.csv, the rows of `rows`
+    task: str = "classification"
+    classes: list[str] = field(default_factory=list)
 
     def metrics(self) -> pd.DataFrame:
         """One row per test row: model, dataset, run_dir, bag_id, fold, seed, label, the `bag_metrics`,
@@ -120,12 +125,14 @@ def load_run(run_dir: str | Path) -> RunAttention:
         attention.update({(bag_id, fold, seed): a for bag_id, a in found.pooled.items()})
     keys = list(zip(predictions["bag_id"], predictions["fold"].astype(int), predictions["seed"].astype(int)))
     keep = [k in attention for k in keys]
-    rows = predictions.loc[keep, list(BAG_COLUMNS)].reset_index(drop=True)
+    kept = predictions.loc[keep].reset_index(drop=True)
+    rows = kept[list(BAG_COLUMNS)]
     if rows.empty:
         raise ExplainError(f"{run_dir}: no test bag of predictions.csv has attention in "
                            f"{_attention_files_label(rundir)}")
 
-    run = RunAttention(run_dir, config.model.name, dataset, rows)
+    run = RunAttention(run_dir, config.model.name, dataset, rows, predictions=kept, task=config.task.kind,
+                       classes=list(classes or []))
     try:
         if config.task.kind != "classification":  # the bags only: the targets are not needed here
             table, classes = read_table(table, config.data.columns, require_labels=False).assign(label=None), []
@@ -211,3 +218,56 @@ def bag_branch_attention(run: RunAttention, bag_id: str) -> tuple[np.ndarray, li
     if len(names or []) != mean.shape[0]:
         names = [f"branch {i}" for i in range(mean.shape[0])]
     return mean, names, len(found)
+
+
+def has_branch_attention(run: RunAttention) -> bool:
+    """Whether the run's attention files hold branch attention (multi-branch models trained with it)."""
+    from ..rundir import RunDir, read_attention
+
+    return any(read_attention(path, bags=[]).has_branches for path in RunDir(run.run_dir).attention_files())
+
+
+#: predictions.csv columns that hold a model output (the rest, beside BAG_COLUMNS, are known targets)
+_OUTPUT_PREFIXES = ("prob_", "pred_", "survival_t")
+
+
+@dataclass
+class BagPrediction:
+    """A bag's test prediction, the mean over the seeds that tested it, and its known target."""
+
+    text: str  # "positive (p = 0.87)", "risk 0.42", "a, c" (multi-label), "pred_y 3.1"
+    predicted: str | None  # the predicted class (classification) or None
+    label: str | None  # the known target as text ("negative"; "time 12, event 1"), None when unknown
+    values: dict  # output column -> mean over seeds (prob_<class>, risk, pred_<name>, ...)
+    seeds: int
+
+
+def bag_prediction(run: RunAttention, bag_id: str) -> BagPrediction:
+    """The bag's test prediction, averaged over the seeds that tested it (classification: the class of the
+    largest mean probability; multi-label: the labels of mean probability >= 0.5)."""
+    frame = run.predictions
+    if frame is None:
+        raise ExplainError(f"{run.run_dir}: no predictions read")
+    found = frame[frame["bag_id"].astype(str) == str(bag_id)]
+    if found.empty:
+        raise ExplainError(f"{run.run_dir}: bag {bag_id!r} has no test prediction")
+    outputs = [c for c in found.columns if c == "risk" or c.startswith(_OUTPUT_PREFIXES)]
+    values = {c: float(pd.to_numeric(found[c], errors="coerce").mean()) for c in outputs}
+    known = [c for c in found.columns if c not in outputs and c not in BAG_COLUMNS and c != "pred"]
+    first = found.iloc[0]
+    label = first["label"] if "label" in found and pd.notna(first["label"]) else None
+    if label is None:
+        parts = [f"{c} {first[c]:g}" if isinstance(first[c], (int, float, np.number)) else f"{c} {first[c]}"
+                 for c in known if pd.notna(first[c])]
+        label = ", ".join(parts) or None
+    probs = {c[len("prob_"):]: v for c, v in values.items() if c.startswith("prob_")}
+    predicted = None
+    if run.task == "classification" and probs:
+        predicted = max(probs, key=probs.get)
+        text = f"{predicted} (p = {probs[predicted]:.2f})"
+    elif run.task == "multilabel":
+        text = ", ".join(n for n, p in probs.items() if p >= 0.5) or "none"
+    else:
+        shown = {c: v for c, v in values.items() if not c.startswith("survival_t")}
+        text = ", ".join(f"{c} {v:.3g}" for c, v in shown.items())
+    return BagPrediction(text, predicted, None if label is None else str(label), values, len(found))
