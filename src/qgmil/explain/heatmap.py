@@ -4,7 +4,7 @@ at thumbnail scale.
   attention_heatmap(coords, attention, patch_size_level0, scale=...)  -> (H', W') float, NaN off-tissue
   render_overlay(heat, path, background=thumbnail)                     -> PNG (matplotlib Agg, atomic)
   read_thumbnail(slide_path, max_size)                                 -> (RGB uint8, level-0 (W, H))
-  bag_geometry(feature_file, slide=...)                                -> (level-0 coords, patch side)
+  bag_geometry(feature_file)                                           -> (level-0 coords, patch side)
   run_heatmaps(run_dirs, out, bags=...)                                -> OUT/<bag_id>.png per bag
       branches=True: a panel per attention branch (per class where branch k is class k's); patches=k: also
       OUT/<bag_id>_patches.png, the k most / least attended tiles (grid.py); tissue_only=True: no heat off
