@@ -51,7 +51,7 @@ def test_every_problem_is_reported_with_file_and_row(tmp_path):
     write_bag(features / "b5.h5", bad)                                             # row 7: NaN
     write_bag(features / "b6.h5", np.ones((9, 3), np.float32))                     # row 8: other dim
 
-    report = check_dataset(table, features, classes=["neg", "pos"], progress=False)
+    report = check_dataset(table, features, classes=["neg", "pos"], bag_unit="patient", progress=False)
     text = "\n".join(report.problems)
     assert not report.ok
     assert f"{table} row 3: missing label" in text
@@ -63,6 +63,10 @@ def test_every_problem_is_reported_with_file_and_row(tmp_path):
     assert f"{features / 'b5.h5'} (row 7, bag 'b5'): 2 instance(s) have NaN/Inf features (first: instance 2)" in text
     assert f"{features / 'b6.h5'} (row 8, bag 'b6'): feature dim 3, but most bags have 4" in text
     assert len(report.problems) == 8
+    # slide bags keep each slide's label: the patient is a note, not a problem
+    slides = check_dataset(table, features, classes=["neg", "pos"], progress=False)
+    assert len(slides.problems) == 7 and "different labels" not in "\n".join(slides.problems)
+    assert any("1 patient(s) with slides of different labels: P4 (neg, pos)" in n for n in slides.notes)
 
 
 def test_model_dim_and_unreadable_files(tmp_path):

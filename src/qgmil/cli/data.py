@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .options import column_options, columns
+from .options import column_options, columns, patient_label_option
 
 
 @click.group()
@@ -25,8 +25,13 @@ def data():
 @click.option("--limit", "limits", multiple=True, metavar="KEY=VALUE",
               help="Raise a file-size limit (data.limits: instances, dim, gib, compression), e.g. instances=2000000.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--bag-unit", type=click.Choice(["slide", "patient"]), default="slide", show_default=True,
+              help="Check for training on slide or patient bags (data.bag_unit): with patient bags, slides of one "
+                   "patient with different labels need --patient-label majority or max.")
+@patient_label_option
 @column_options
-def data_check(table, features, classes, in_dim, no_scan, cache, limits, as_json, **kw):
+def data_check(table, features, classes, in_dim, no_scan, cache, limits, as_json, bag_unit, patient_label,
+               slide_table, **kw):
     """Check a dataset and print a summary; exit status 1 when a problem was found."""
     from ..data import BagLimits, check_dataset
 
@@ -37,9 +42,10 @@ def data_check(table, features, classes, in_dim, no_scan, cache, limits, as_json
         table, features, columns=columns(kw), classes=classes.split(",") if classes else None,
         in_dim=in_dim, scan_values=not no_scan, cache=cache,
         limits=BagLimits(**{key.strip(): value for key, _, value in pairs}),
+        slide_table=slide_table, bag_unit=bag_unit, patient_label=patient_label or "refuse",
     )
-    click.echo(json.dumps({"ok": report.ok, "problems": report.problems, **report.summary}, indent=1)
-               if as_json else report.format())
+    click.echo(json.dumps({"ok": report.ok, "problems": report.problems, "notes": report.notes, **report.summary},
+                          indent=1) if as_json else report.format())
     sys.exit(0 if report.ok else 1)
 
 
@@ -51,12 +57,15 @@ def data_check(table, features, classes, in_dim, no_scan, cache, limits, as_json
 @click.option("--val-fraction", default=0.2, show_default=True, help="Share of training patients kept for validation.")
 @click.option("--ignore-table-split", is_flag=True, help="Make k-fold even when the table has a split/fold column.")
 @column_options
-def data_split(table, out, folds, seeds, val_fraction, ignore_table_split, **kw):
-    """Write patient-level stratified splits (or the table's own split/fold column) to --out."""
+def data_split(table, out, folds, seeds, val_fraction, ignore_table_split, slide_table, **kw):
+    """Write patient-level stratified splits (or the table's own split/fold column) to --out.
+
+    A patient's slides always go to the same part, even when their labels differ (CLAM's datasets): the
+    patient is then stratified on its slides' majority label."""
     from ..data import make_splits, read_table, splits_from_table
     from ..data.splits import fold_summary
 
-    frame = read_table(table, columns(kw))
+    frame = read_table(table, columns(kw), slide_table=slide_table, mixed_labels=True)
     seed_list = [int(s) for s in seeds.split(",")]
     splits = None if ignore_table_split else splits_from_table(frame, seed_list, val_fraction)
     splits = splits or make_splits(frame, folds, seed_list, val_fraction)

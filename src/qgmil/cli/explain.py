@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..extract.limits import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV  # light: `qgmil --help` imports no numpy
+from .options import POSITIVE
 
 
 @click.group()
@@ -49,21 +50,29 @@ def explain_mass(run_dirs, out):
 @click.option("--max-image-pixels", type=click.IntRange(min=1),
               help="Largest plain-image slide (PNG, JPEG, plain TIFF; decoded whole) read, in pixels "
                    f"[default: ${MAX_PIXELS_ENV} or {DEFAULT_MAX_IMAGE_PIXELS:_}].")
+@click.option("--tile-size", type=POSITIVE, metavar="PX",
+              help="Tile side in level-0 px, for feature files that record none (CLAM's h5: otherwise the coords' "
+                   "grid step, too small for overlapping tiles) or a wrong one; replaces what the files say.")
+@click.option("--mpp", type=POSITIVE, metavar="UM_PER_PX",
+              help="Slide resolution for micrometre coords (STAMP) when neither the feature file nor the slide's "
+                   "metadata give one (the slide's is used when --slides has it).")
 def explain_heatmap(run_dirs, bags, out, slides, normalise, cmap, alpha, max_size, branches, patches, tissue_only,
-                    max_image_pixels):
+                    max_image_pixels, tile_size, mpp):
     """Attention heatmaps: each tile's test attention painted over its place on the slide.
 
     Writes OUT/<bag_id>.png per bag; with several RUN_DIRs, one panel per run side by side. Without
     --slides the heat is drawn on white; with it, no matching slide at all is an error and bags whose slide
     is missing are named in a warning. A patient bag of several slides gives OUT/<bag_id>__<slide_id>.png
-    per slide.
+    per slide. Micrometre coords (STAMP) are placed with the file's mpp, else the slide's (--slides), else --mpp;
+    tiles are sized by the files' attributes, else the coords' grid step (a warning says so; --tile-size fixes it).
     """
     from ..explain.heatmap import run_heatmaps
 
     written = run_heatmaps(run_dirs, out, bags=[b.strip() for b in bags.split(",") if b.strip()] if bags else None,
                            slides=slides, normalise=normalise, cmap=cmap, alpha=alpha, max_size=max_size,
                            branches=branches, patches=patches, tissue_only=tissue_only,
-                           echo=lambda m: click.echo(m, err=True), progress=True, max_pixels=max_image_pixels)
+                           echo=lambda m: click.echo(m, err=True), progress=True, max_pixels=max_image_pixels,
+                           tile_size=tile_size, mpp=mpp)
     click.echo("wrote " + ", ".join(str(p) for p in written))
 
 

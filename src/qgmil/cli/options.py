@@ -21,20 +21,67 @@ class FiniteFloat(click.FloatRange):
 #: an option value > 0 (a magnification, micrometres, um / px)
 POSITIVE = FiniteFloat(min=0, min_open=True)
 
+#: the table column options: option name -> Columns field (= its default column name)
+COLUMN_FLAGS = {"bag_id_col": "bag_id", "label_col": "label", "patient_col": "patient_id", "split_col": "split",
+                "fold_col": "fold", "path_col": "path"}
+#: what a column holds, and the peers' names for it that are found without the option (data.table.PEER_COLUMNS)
+_COLUMN_HELP = {
+    "bag_id": "bag id (without one: CLAM's slide_id, else the file names of the path column)",
+    "label": "label (STAMP: the target in the clinical table)",
+    "patient_id": "patient (without one: CLAM's case_id or STAMP's PATIENT, else the bag id)",
+    "path": "feature file (without one: STAMP's FILENAME, else <features>/<bag id>.h5 ...)",
+}
+
+
+def _column_help(field: str) -> str:
+    return f"Table column: {_COLUMN_HELP.get(field, field)}"
+
+
 def column_options(fn):
-    """The table column options shared by every command that reads a dataset table."""
-    for name, default in reversed([("bag-id", "bag_id"), ("label", "label"), ("patient", "patient_id"),
-                                   ("split", "split"), ("fold", "fold"), ("path", "path")]):
-        fn = click.option(f"--{name}-col", default=default, show_default=True, help=f"Table column: {name}.")(fn)
+    """The table column options shared by every command that reads a dataset table, plus --slide-table."""
+    fn = slide_table_option(fn)
+    for option, field in reversed(COLUMN_FLAGS.items()):
+        fn = click.option(f"--{option.replace('_', '-')}", default=field, show_default=True,
+                          help=f"{_column_help(field)}.")(fn)
     return fn
 
 
+def run_column_options(fn):
+    """The table column options of `qgmil train` and `qgmil tune` (each sets data.columns.<field>; unset, the
+    config's or the default name), --slide-table (data.slide_table) and --patient-label (data.patient_label)."""
+    fn = patient_label_option(fn, key="data.patient_label")
+    fn = slide_table_option(fn, key=" (data.slide_table)")
+    for option, field in reversed(COLUMN_FLAGS.items()):
+        fn = click.option(f"--{option.replace('_', '-')}",
+                          help=f"{_column_help(field)} (data.columns.{field}; default {field}).")(fn)
+    return fn
+
+
+def slide_table_option(fn, key: str = ""):
+    return click.option("--slide-table", type=click.Path(dir_okay=False),
+                        help="STAMP's layout: a slide table (patient + feature file per row, e.g. PATIENT, FILENAME) "
+                             f"beside --table, which is then the clinical table (patient + label){key}.")(fn)
+
+
+def patient_label_option(fn, key: str = "data.patient_label", default: str | None = None):
+    return click.option("--patient-label", type=click.Choice(["refuse", "majority", "max"]), default=default,
+                        show_default=default is not None,
+                        help="A patient's label from its slides' (patient bags; slide bags stratify their splits on "
+                             "it): refuse slides of different labels, their majority (ties: the first class), or "
+                             f"the last class (CLAM's max voting) ({key}; default refuse).")(fn)
+
+
 def columns(kw):
+    """The Columns the column options give (popped from `kw`)."""
     from ..data import Columns
 
-    names = {"bag_id_col": "bag_id", "label_col": "label", "patient_col": "patient_id", "split_col": "split",
-             "fold_col": "fold", "path_col": "path"}
-    return Columns(**{field: kw.pop(option) for option, field in names.items()})
+    return Columns(**{field: kw.pop(option) for option, field in COLUMN_FLAGS.items()})
+
+
+def column_keys(flags: dict) -> dict:
+    """The data.columns.* keys of the run column options given (popped from `flags`)."""
+    values = {option: flags.pop(option, None) for option in COLUMN_FLAGS}
+    return {f"data.columns.{COLUMN_FLAGS[o]}": v for o, v in values.items() if v is not None}
 
 
 def command_line() -> list[str]:

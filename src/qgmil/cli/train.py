@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import click
 
-from .options import column_options, columns, command_line, slurm_keys, slurm_options, training_keys, training_options
+from .options import (
+    column_keys, column_options, columns, command_line, run_column_options, slurm_keys, slurm_options, training_keys,
+    training_options,
+)
 
 
 def run_options(fn):
@@ -28,7 +31,9 @@ def run_options(fn):
         click.option("--folds", type=int, help="Cross-validation folds (eval.folds)."),
         click.option("--seeds", help="Comma-separated seeds, one k-fold each (eval.seeds)."),
         training_options,
-        click.option("--bag-unit", type=click.Choice(["slide", "patient"]), help="One bag per slide or per patient."),
+        click.option("--bag-unit", type=click.Choice(["slide", "patient"]),
+                     help="One bag per slide or per patient (data.bag_unit; default slide)."),
+        run_column_options,
         click.option("--max-instances", type=int, help="Random subset of larger bags while training."),
         click.option("--workers", type=int, help="DataLoader workers (data.num_workers)."),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory."),
@@ -43,7 +48,8 @@ def run_options(fn):
 FLAG_KEYS = {"table": "data.table", "features": "data.features", "builtin": "data.builtin", "model": "model.name",
              "folds": "eval.folds", "task": "task.kind",
              "time_col": "data.columns.time", "event_col": "data.columns.event", "bag_unit": "data.bag_unit", "max_instances": "data.max_instances",
-             "workers": "data.num_workers", "trials": "tune.trials", "inner_folds": "tune.inner_folds",
+             "workers": "data.num_workers", "slide_table": "data.slide_table", "patient_label": "data.patient_label",
+             "trials": "tune.trials", "inner_folds": "tune.inner_folds",
              "storage": "tune.storage", "pruner": "tune.pruner", "sampler": "tune.sampler"}
 
 
@@ -55,6 +61,7 @@ def run_config(config_file, sets, quiet, flags, out, resume):
     if resume:  # before the flags are validated as a new config, which would complain about its data source
         RunDir(out).require_resumable()
     base = training_keys(flags)
+    base.update(column_keys(flags))
     base.update({FLAG_KEYS[k]: v for k, v in flags.items() if k in FLAG_KEYS and v is not None})
     if flags.get("seeds"):
         base["eval.seeds"] = parse_seeds(flags["seeds"])
@@ -145,11 +152,11 @@ def evaluate(run_dir, allow_missing_folds):
 @click.option("--device", default="cpu", show_default=True)
 @ALLOW_MISSING
 @column_options
-def predict(source, data, features, out, batch_size, device, allow_missing_folds, **kw):
+def predict(source, data, features, out, batch_size, device, allow_missing_folds, slide_table, **kw):
     """Predict bags in DATA (a table, labels optional, or a folder of feature files) with SOURCE
     (a run directory: its fold models are averaged; or one checkpoint)."""
     from ..evaluate.predict import predict_bags
 
     frame = predict_bags(source, data, out, features=features, columns=columns(kw), batch_size=batch_size,
-                         device=device, allow_missing_folds=allow_missing_folds)
+                         device=device, allow_missing_folds=allow_missing_folds, slide_table=slide_table)
     click.echo(f"{len(frame)} bags predicted; wrote {out}/predictions.csv and {out}/attention.h5")

@@ -5,7 +5,8 @@ Layouts read (all give `features` (N, D); coordinates and provenance travel alon
   trident  .h5  `features`, `coords` (level-0 px, attrs patch_size_level0, ...)  (TRIDENT)
   clam     .h5  `features`, `coords` (level-0 px, attrs patch_level, ...)        (CLAM h5_files)
   stamp    .h5  `feats`, `coords` in micrometres, attrs unit, extractor, ...     (STAMP)
-  pt       .pt  a (N, D) tensor (CLAM pt_files), or a dict of tensors; loaded with weights_only=True
+  pt       .pt  a (N, D) tensor (CLAM pt_files), or a dict of tensors; loaded with weights_only=True (a pickled
+                NumPy array, TRIDENT's saveas='pt', is refused: it cannot be read without unpickling)
   npy      .npy a (N, D) array, loaded without pickle
 Every other dataset in the file (e.g. `instance_labels`, cell names) is kept in `Bag.extras`.
 
@@ -214,6 +215,36 @@ def _open_h5(path: Path) -> h5py.File:
         raise BagFileError(f"{path}: not a readable HDF5 file ({err})") from None
 
 
+# TRIDENT's `saveas="pt"` (`WSI.extract_patch_features`, `Processor.run_patch_feature_extraction_job`) is
+# `torch.save` of the NumPy features: a pickle whose NumPy objects only an unpickler can rebuild, and an unpickler
+# runs whatever the file names. Its default, `saveas="h5"` (all `run_batch_of_slides.py --task feat` writes), is
+# read here with its coordinates.
+_PICKLED_NUMPY = (
+    "{path}: holds pickled NumPy objects ({found}), not tensors: this is what TRIDENT writes with "
+    "saveas='pt' (torch.save of its NumPy features). Reading it means unpickling, which can run any code the file "
+    "holds, so qgmil does not read it (torch.load(weights_only=True) refuses it too). Use TRIDENT's h5 output "
+    "instead: saveas='h5', the default, and what run_batch_of_slides.py --task feat writes "
+    "(<job_dir>/<mag>x_<patch>px_<overlap>px_overlap/features_<encoder>/<slide>.h5, with the tiles' coords). "
+    "Only for a file you made yourself and trust: numpy.save('<slide>.npy', torch.load('<slide>.pt', "
+    "weights_only=False)) once, then qgmil reads the .npy without pickle"
+)
+
+
+def _pickled_numpy(path: Path) -> str:
+    """The NumPy globals a torch file's pickle names (listed by torch without unpickling anything), or ''."""
+    import torch
+
+    lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if lister is None:  # torch < 2.5 cannot list them; the plain error is given instead
+        return ""
+    try:
+        names = lister(path)
+    except Exception:  # noqa: BLE001 - not a torch file at all: the caller says so
+        return ""
+    numpy = sorted(n for n in names if n.split(".")[0] == "numpy")
+    return ", ".join(numpy)
+
+
 def _load_pt(path: Path, limits: BagLimits | None = None) -> dict[str, Any]:
     import zipfile
 
@@ -228,6 +259,9 @@ def _load_pt(path: Path, limits: BagLimits | None = None) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        pickled = _pickled_numpy(path)
+        if pickled:
+            raise BagFileError(_PICKLED_NUMPY.format(path=path, found=pickled)) from None
         raise BagFileError(f"{path}: not a readable tensor file ({type(err).__name__}: {err})") from None
     if isinstance(obj, torch.Tensor):
         data = {"features": obj}

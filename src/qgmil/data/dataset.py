@@ -17,7 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .bagfile import Bag, BagFileError, BagLimits, inspect_bag, read_bag, read_coords, read_features
-from .table import Columns, DataError, check_labels, infer_classes, normalize_label, read_table, resolve_files
+from .table import (
+    PATIENT_LABEL_RULES, Columns, DataError, add_patient_labels, check_labels, infer_classes, mixed_labels_allowed,
+    normalize_label, read_table, resolve_files,
+)
 
 BagUnit = Literal["slide", "patient"]
 CacheMode = Literal["fp16", "fp32"]
@@ -59,9 +62,11 @@ def _units(table: pd.DataFrame, bag_unit: BagUnit) -> list[Unit]:
     if bag_unit != "patient":
         raise ValueError(f"bag_unit must be 'slide' or 'patient', got {bag_unit!r}")
     units = []
+    # the patient's label under data.patient_label (`add_patient_labels`), else its slides' one label
+    label = "patient_label" if "patient_label" in table else "label"
     for patient, rows in table.groupby("patient_id", sort=False):
         target = rows["target"].iloc[0] if "target" in rows else None  # a patient's rows agree (the task checks)
-        units.append(Unit(patient, patient, rows["label"].iloc[0], tuple(rows["file"]), tuple(rows["bag_id"]), target))
+        units.append(Unit(patient, patient, rows[label].iloc[0], tuple(rows["file"]), tuple(rows["bag_id"]), target))
     return units
 
 
@@ -120,15 +125,26 @@ class MILDataset(Dataset):
         columns: Columns | None = None,
         classes: list[str] | None = None,
         require_labels: bool = True,
+        slide_table: str | Path | None = None,
+        patient_label: str = "refuse",
         **kwargs,
     ) -> "MILDataset":
         """Read `table` (path or a frame from `read_table`), find each bag's feature file, check labels.
 
         classes: the class order (label index = position); by default the sorted labels of the table.
+        slide_table: STAMP's slide table beside the clinical `table` (see `read_table`).
+        patient_label: how a patient's label is made from its slides' (`aggregate_label`: refuse, majority,
+            max): the label of a patient bag (bag_unit="patient"; `refuse`: slides of different labels are an
+            error) and, for slide bags, which keep their own labels, what the splits stratify on (`refuse`: the
+            majority). Kept as the table's `patient_label` column.
         Raises DataError listing every missing file and unknown label at once.
         """
+        if patient_label not in PATIENT_LABEL_RULES:
+            raise ValueError(f"patient_label must be one of {', '.join(PATIENT_LABEL_RULES)}, got {patient_label!r}")
+        bag_unit = kwargs.get("bag_unit", "slide")
         if not isinstance(table, pd.DataFrame):
-            table = read_table(table, columns, require_labels=require_labels)
+            table = read_table(table, columns, require_labels=require_labels, slide_table=slide_table,
+                               mixed_labels=mixed_labels_allowed(bag_unit, patient_label))
         table = table.copy()
         files, problems = resolve_files(table, features_dir)
         table["file"] = files
@@ -137,6 +153,7 @@ class MILDataset(Dataset):
         problems += check_labels(table, classes)
         if problems:
             raise DataError(problems, f"{table.attrs.get('source', 'table')}: cannot build the dataset")
+        table = add_patient_labels(table, "majority" if patient_label == "refuse" else patient_label, classes)
         return cls(table, classes, **kwargs)
 
     # --- what the dataset holds -------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from .table import DataError
+from .table import DataError, aggregate_label, infer_classes
 
 SPLITS_FORMAT = "qgmil-splits"
 PARTS = ("train", "val", "test")
@@ -146,13 +146,23 @@ def _kfold(patients: pd.Series, k: int, seed: int) -> list[tuple[np.ndarray, np.
 
 
 def _patients(table: pd.DataFrame) -> pd.Series:
-    """patient_id -> label or stratum (one row per patient, table order)."""
+    """patient_id -> label or stratum (one row per patient, table order).
+
+    A patient whose slides carry different labels (slide bags, as CLAM's datasets have them) is stratified on
+    its `patient_label` (`MILDataset.from_table` adds it: data.patient_label, the majority by default), or
+    without that column on the majority of its slides' labels (ties: the first in class order)."""
     column = _strata(table)
     labelled = table[table[column].notna()]
     if len(labelled) < len(table):
         rows = table.loc[table[column].isna(), "row"].tolist()
         raise DataError([f"rows {rows[:10]}: splits need a {'target' if column == 'stratum' else 'label'} for every bag"])
-    return labelled.groupby("patient_id", sort=False)[column].first()
+    if column == "label" and "patient_label" in table:
+        return labelled.groupby("patient_id", sort=False)["patient_label"].first()
+    grouped = labelled.groupby("patient_id", sort=False)[column]
+    if column == "label":
+        classes = infer_classes(labelled["label"])
+        return grouped.agg(lambda labels: aggregate_label(labels.tolist(), "majority", classes))
+    return grouped.first()
 
 
 def _merge_rare(patients: pd.Series, folds: int) -> pd.Series:

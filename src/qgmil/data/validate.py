@@ -13,7 +13,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .bagfile import BagFileError, BagLimits, inspect_bag, read_features
-from .table import Columns, DataError, check_labels, infer_classes, normalize_label, read_table_with_problems, resolve_files
+from .table import (
+    Columns, DataError, check_labels, infer_classes, mixed_label_patients, mixed_labels_allowed, normalize_label,
+    read_table_with_problems, resolve_files,
+)
 
 SCAN_ROWS = 65536  # rows per read when scanning a large HDF5 bag for NaN/Inf (bounds memory)
 FP16_MAX = 65504.0  # the largest finite float16: larger values become inf in a data.cache=fp16 cache
@@ -21,10 +24,12 @@ FP16_MAX = 65504.0  # the largest finite float16: larger values become inf in a 
 
 @dataclass
 class DataReport:
-    """problems: one line each; summary: counts and shapes (see `format`)."""
+    """problems: one line each; notes: what is fine but worth knowing (how columns were found, patients whose
+    slides carry different labels); summary: counts and shapes (see `format`)."""
 
     problems: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -32,7 +37,8 @@ class DataReport:
 
     def format(self) -> str:
         s = self.summary
-        lines = [f"table      {s.get('table')}", f"features   {s.get('features')}"]
+        lines = [f"table      {s.get('table')}"] + ([f"slides     {s['slide_table']}"] if "slide_table" in s else []) \
+            + [f"features   {s.get('features')}"]
         if "bags" in s:
             lines.append(f"bags       {s['bags']}  (patients {s['patients']})")
         if s.get("classes"):
@@ -46,6 +52,7 @@ class DataReport:
             lines.append("layout     " + ", ".join(f"{k} ({v})" for k, v in s["layouts"].items()))
         if s.get("dtypes"):
             lines.append("dtype      " + ", ".join(f"{k} ({v})" for k, v in s["dtypes"].items()))
+        lines += [f"note: {n}" for n in self.notes]
         lines.append("OK: no problems found" if self.ok else f"{len(self.problems)} problem(s):")
         lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
@@ -91,6 +98,9 @@ def check_dataset(
     progress: bool = True,
     keep: tuple[str, ...] = (),
     check_targets: Callable[[pd.DataFrame], list[str]] | None = None,
+    slide_table: str | Path | None = None,
+    bag_unit: str = "slide",
+    patient_label: str = "refuse",
 ) -> DataReport:
     """Check a table and its feature files; never raises for bad data, returns a report instead.
 
@@ -102,15 +112,35 @@ def check_dataset(
     labels are required, a table with no bags or fewer than two classes.
     A task other than classification names its target columns (`keep`, see `read_table`) and checks them
     (`check_targets(table) -> problems`, each naming the file and row).
+    `slide_table`: STAMP's slide table beside the clinical `table` (see `read_table`). A patient whose slides
+    carry different labels is a problem only for patient bags (`bag_unit`) with `patient_label` "refuse"; else a
+    note, as are the columns found under CLAM's or STAMP's names.
     """
-    report = DataReport(summary={"table": str(table), "features": str(features_dir)})
+    summary = {"table": str(table), "features": str(features_dir)}
+    if slide_table is not None:
+        summary["slide_table"] = str(slide_table)
+    report = DataReport(summary=summary)
     classes = None if classes is None else [normalize_label(c) for c in classes]
+    mixed = mixed_labels_allowed(bag_unit, patient_label)
     try:
-        frame, problems = read_table_with_problems(table, columns, require_labels, keep)
+        frame, problems = read_table_with_problems(table, columns, require_labels, keep, slide_table=slide_table,
+                                                   mixed_labels=mixed)
     except DataError as err:
         report.problems += err.problems
         return report
     report.problems += problems
+    detected = frame.attrs.get("detected_columns", {})
+    if detected:
+        report.notes.append("columns found by their peers' names: " +
+                            ", ".join(f"{field} = {name}" for field, name in detected.items()))
+    patients = mixed_label_patients(frame) if mixed else {}
+    if patients:
+        shown = "; ".join(f"{p} ({', '.join(labels)})" for p, labels in list(patients.items())[:5])
+        more = f" and {len(patients) - 5} more" if len(patients) > 5 else ""
+        how = ("each slide keeps its own label (slide bags); splits keep a patient's slides together, stratified "
+               f"on its {'majority' if patient_label == 'refuse' else patient_label} label") if bag_unit == "slide" \
+            else f"each patient bag takes its slides' {patient_label} label (data.patient_label)"
+        report.notes.append(f"{len(patients)} patient(s) with slides of different labels: {shown}{more}: {how}")
     if check_targets is not None:
         report.problems += check_targets(frame)
     files, problems = resolve_files(frame, features_dir)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_model, read_metadata
 from ..data import BagLimits, DataError, MILDataset, read_attrs, read_table
 from ..data.bagfile import FEATURE_SUFFIXES, inspect_bag
-from ..data.table import Columns, read_any_table
+from ..data.table import Columns, mixed_labels_allowed, read_any_table
 from ..rundir import RunDir, RunDirError, write_attention
 from ..rundir.directory import write_csv, write_json
 from ..runtime import Dist, resolve_device
@@ -41,10 +41,10 @@ def check_out(out: str | Path) -> None:
                           f"such as {run.root / 'predict'})")
 
 
-def _table_for(data: Path, features: Path | None, columns: Columns | None, keep: tuple[str, ...] = ()
-               ) -> tuple[pd.DataFrame, Path]:
-    """A table file (labels optional; of the `keep` columns, those it has kept raw) or a folder of feature files
-    (one bag per file, no labels)."""
+def _table_for(data: Path, features: Path | None, columns: Columns | None, keep: tuple[str, ...] = (), *,
+               slide_table: Path | None = None, mixed_labels: bool = True) -> tuple[pd.DataFrame, Path]:
+    """A table file (labels optional; of the `keep` columns, those it has kept raw; with STAMP's `slide_table`
+    beside it, see `read_table`) or a folder of feature files (one bag per file, no labels)."""
     if data.is_dir():
         files = sorted(p for p in data.iterdir() if p.suffix.lower() in FEATURE_SUFFIXES and not p.name.startswith("."))
         if not files:
@@ -55,9 +55,11 @@ def _table_for(data: Path, features: Path | None, columns: Columns | None, keep:
                               "label": pd.Series([None] * len(ids), dtype=object)})
         table.attrs["source"] = str(data)
         return table, data
-    present = set(map(str, read_any_table(data).columns)) if keep and data.is_file() else set()
+    sources = [data] + ([slide_table] if slide_table is not None else [])
+    present = {str(c) for path in sources if path.is_file() for c in read_any_table(path).columns} if keep else set()
     keep = tuple(k for k in keep if k in present)
-    return read_table(data, columns, require_labels=False, keep=keep), features or data.parent / "features"
+    return (read_table(data, columns, require_labels=False, keep=keep, slide_table=slide_table,
+                       mixed_labels=mixed_labels), features or data.parent / "features")
 
 
 def _check_compatible(dataset: MILDataset, meta: dict, source: Path) -> None:
@@ -137,8 +139,12 @@ def predict_bags(
     limits: BagLimits | None = None,
     progress: bool = True,
     allow_missing_folds: bool = False,
+    slide_table: str | Path | None = None,
 ) -> pd.DataFrame:
     """Average the outputs (and attention) of the source's models over the bags of `data`.
+
+    `slide_table`: STAMP's slide table beside the clinical table `data` (see `read_table`). Patient bags get
+    their label as the run made it (its data.patient_label).
 
     Writes OUT/predictions.csv (bag_id, patient_id, then the task's columns: classification label if known,
     pred, prob_<class>; survival time and event if known, risk and survival_t<time> (S at the evaluation times);
@@ -159,14 +165,17 @@ def predict_bags(
         if (other.kind, other.names) != (task.kind, task.names) or meta["config"]["in_dim"] != metas[0]["config"]["in_dim"]:
             raise DataError([f"{path}: task, classes or feature dim differ from {checkpoints[0]}"])
     target_columns = _target_columns(task, columns or Columns())
-    table, features_dir = _table_for(Path(data), Path(features) if features else None, columns,
-                                     task.columns(target_columns) if target_columns else ())
-    known = _read_targets(table, task, target_columns)
     bag_unit = metas[0]["extra"].get("bag_unit", "slide")
+    patient_label = metas[0]["extra"].get("patient_label", "refuse")  # runs before it existed: refuse
+    table, features_dir = _table_for(Path(data), Path(features) if features else None, columns,
+                                     task.columns(target_columns) if target_columns else (),
+                                     slide_table=Path(slide_table) if slide_table else None,
+                                     mixed_labels=mixed_labels_allowed(bag_unit, patient_label))
+    known = _read_targets(table, task, target_columns)
     classes = task.names if task.kind == "classification" else []
     # check_values: a NaN bag would otherwise get a prediction (the first class) with NaN probabilities.
     dataset = MILDataset.from_table(table, features_dir, classes=classes, bag_unit=bag_unit, require_labels=False,
-                                    limits=limits, check_values=True)
+                                    patient_label=patient_label, limits=limits, check_values=True)
     _check_compatible(dataset, metas[0], Path(source))
 
     # The mean over the fold models of each bag's outputs (each decoded by its own fitted task: a fold's target

@@ -266,11 +266,36 @@ def match_slides(slides, wanted: Sequence[str], *, warn, missing_means: str) -> 
 
 # --- feature files ------------------------------------------------------------------------------
 
-def bag_geometry(path) -> tuple[np.ndarray, float]:
-    """(coords (N, 2) in level-0 px, patch side in level-0 px) of a feature file.
+def slide_mpp(slide_path, *, mpp: float | None = None, max_pixels: int | None = None) -> float | None:
+    """um per level-0 px of a slide: its metadata (openslide / tiffslide `mpp-x`, `mpp-y`; a plain image's DPI,
+    as `open_slide` reads them), else `mpp`, else None."""
+    try:
+        with open_slide(Path(slide_path), mpp=mpp, max_pixels=max_pixels) as slide:
+            return slide.mpp
+    except SlideError as err:
+        raise HeatmapError(str(err)) from None
 
-    Patch size: attrs patch_size_level0 (TRIDENT) / patch_size_px (qgmil) / patch_size at patch_level 0
-    (CLAM), else the grid step of the coords. Micrometre coords (STAMP) are divided by attrs `mpp`.
+
+def _positive(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def bag_geometry(path, *, slide=None, mpp: float | None = None, tile_size: float | None = None, warn=None,
+                 micrometres_ok: bool = False, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
+    """(coords (N, 2) in level-0 px, tile side in level-0 px) of a feature file.
+
+    Tile side: `tile_size` (level-0 px, given by the user: --tile-size) when given, else attrs
+    patch_size_level0 (TRIDENT) / patch_size_px (qgmil) / patch_size at patch_level 0 (CLAM) / tile_size_um
+    (STAMP, in micrometres), else the grid step of the coords, with a warning through `warn` (default
+    `warnings.warn`) saying so (CLAM's h5 files record no tile size; the step is too small for overlapping tiles).
+    Micrometre coords (STAMP) are divided by the resolution (um per level-0 px): the file's `mpp` attribute,
+    else the metadata of `slide` (the slide file they were cut from; STAMP records no mpp and its own heatmaps
+    read the slide's), else `mpp`. With none of them, `micrometres_ok` keeps micrometres as the unit (a map
+    drawn on white looks the same in any unit; the tile side is then in micrometres too), else HeatmapError.
     """
     from ..data import read_attrs, read_coords
 
@@ -279,21 +304,33 @@ def bag_geometry(path) -> tuple[np.ndarray, float]:
         raise HeatmapError(f"{path}: the feature file has no coords, so its attention cannot be placed")
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     attrs = read_attrs(path)
+    given = _positive(tile_size) if tile_size is not None else None
+    if tile_size is not None and given is None:
+        raise HeatmapError(f"--tile-size must be a number > 0 (level-0 px), got {tile_size!r}")
     patch = None
     if unit == "um":
-        mpp = attrs.get("mpp")
-        try:
-            mpp = float(mpp)
-        except (TypeError, ValueError):
-            mpp = None
-        if not mpp or not mpp > 0:
-            raise HeatmapError(f"{path}: coords are in micrometres but the file has no `mpp` attribute "
-                               "to convert them to level-0 pixels")
-        coords = coords / mpp
-        if attrs.get("tile_size_um"):
-            patch = float(attrs["tile_size_um"]) / mpp
+        resolution = _positive(attrs.get("mpp"))
+        if resolution is None and slide is not None:
+            resolution = slide_mpp(slide, max_pixels=max_pixels)
+        resolution = resolution or _positive(mpp)
+        if resolution is None and not micrometres_ok:
+            where = (f"nor the slide {slide} (no mpp in its metadata)" if slide is not None
+                     else "and no slide was found for it (--slides)")
+            raise HeatmapError(f"{path}: coords are in micrometres (STAMP) but neither the file has an `mpp` attribute "
+                               f"{where} to convert them to level-0 pixels: give the slide (--slides) or its "
+                               "resolution (--mpp UM_PER_PX)")
+        if resolution is None:  # drawn on white: micrometres stand in for pixels
+            if given is not None:
+                raise HeatmapError(f"{path}: --tile-size is in level-0 px, but the file's micrometre coords have no "
+                                   "resolution to convert it: give the slide (--slides) or --mpp")
+            resolution = 1.0
+        coords = coords / resolution
+        if given is None and _positive(attrs.get("tile_size_um")):
+            patch = float(attrs["tile_size_um"]) / resolution
     elif unit not in (None, "px"):
         raise HeatmapError(f"{path}: unknown coord unit {unit!r}")
+    if given is not None:
+        return coords, given
     if patch is None:
         for key in ("patch_size_level0", "patch_size_px"):
             if attrs.get(key):
@@ -305,9 +342,16 @@ def bag_geometry(path) -> tuple[np.ndarray, float]:
         steps = [np.diff(np.unique(coords[:, i])) for i in (0, 1)]
         steps = np.concatenate([s[s > 0] for s in steps])
         if not steps.size:
-            raise HeatmapError(f"{path}: no patch size attribute and a single tile: cannot size the tiles")
+            raise HeatmapError(f"{path}: no tile size attribute and a single tile: cannot size the tiles "
+                               "(give --tile-size PX, level-0 px)")
         patch = float(steps.min())
-        warnings.warn(f"{path}: no patch size attribute; using the coords grid step {patch:g} px", stacklevel=2)
+        message = (f"{path}: the file records no tile size (CLAM's h5 files record none), so tiles are drawn "
+                   f"{patch:g} px wide, the step of the coords' grid (right for tiles side by side, too small for "
+                   "overlapping ones): give the tile side with --tile-size PX (level-0 px)")
+        if warn is None:
+            warnings.warn(message, stacklevel=2)
+        else:
+            warn(message)
     return coords, patch
 
 
@@ -327,7 +371,8 @@ def restrict_to_tissue(heat: np.ndarray, tissue: np.ndarray) -> np.ndarray:
 def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, slides=None,
                  normalise: str = "rank", cmap: str = "jet", alpha: float = 0.5, max_size: int = 2048,
                  branches: bool = False, patches: int = 0, tissue_only: bool = False, echo=None,
-                 progress: bool = False, max_pixels: int | None = None) -> list[Path]:
+                 progress: bool = False, max_pixels: int | None = None, tile_size: float | None = None,
+                 mpp: float | None = None) -> list[Path]:
     """Write OUT/<bag_id>.png per bag (default: the first 3 test bags of the first run): one panel per
     run, titled with its model name, over the slide thumbnail from `slides`; without a slide, on white
     and cropped to the tiles' bounding box.
@@ -339,6 +384,10 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
     tissue_only: no heat off the tissue that `segment_tissue` finds on the thumbnail (needs `slides`).
     With `slides`, no matching slide at all is an error; some missing is a warning (`echo`, else `warnings`).
     max_pixels: the largest plain-image slide read (see `open_slide`).
+    tile_size: the tiles' side in level-0 px, for files that record none (CLAM's h5) or a wrong one; it replaces
+        what the files say. mpp: um per level-0 px for micrometre coords (STAMP) whose file and slide record none.
+    How each file's tiles are placed and sized: `bag_geometry`; a tile size guessed from the coords' grid is
+    said once (`echo`, else `warnings`), with the number of files it concerns.
     A patient bag spanning several slides gives OUT/<bag_id>__<slide_id>.png (and _patches) per slide,
     each with its slide's share of the bag's attention (ranks taken over the whole bag).
     """
@@ -371,9 +420,19 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
                              missing_means=f"drawn on white, without {', '.join(without)}")
     out = Path(out)
     written = []
+    say = echo or (lambda m: warnings.warn(m, stacklevel=3))
+    guessed = []  # files whose tile size came from their coords' grid: the first is said, the others counted
+
+    def guess(message: str) -> None:
+        if not guessed:
+            say(f"warning: {message}")
+        guessed.append(message)
+
     for bag_id in tqdm(bags, desc="heatmaps", unit="bag", disable=not progress):
         unit = units[bag_id]
-        geometry = [bag_geometry(f) for f in unit.files]
+        geometry = [bag_geometry(f, slide=found.get(s), mpp=mpp, tile_size=tile_size, warn=guess,
+                                 micrometres_ok=found.get(s) is None, max_pixels=max_pixels)
+                    for f, s in zip(unit.files, unit.slide_ids)]
         offsets = np.cumsum([0] + [c.shape[0] for c, _ in geometry])
         views = []  # (run, panel title, weights over the whole bag)
         if branches:
@@ -397,6 +456,8 @@ def run_heatmaps(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, 
             written += _draw_slide(stem, coords, patch, parts, raw, out, slide=found.get(slide_id), cmap=cmap,
                                    alpha=alpha, max_size=max_size, bounded=normalise != "none", patches=patches,
                                    tissue_only=tissue_only, single=len(runs) == 1, max_pixels=max_pixels)
+    if len(guessed) > 1:
+        say(f"warning: the same for {len(guessed) - 1} more feature file(s): tile size from the coords' grid step")
     return written
 
 

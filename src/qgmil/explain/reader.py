@@ -134,10 +134,11 @@ def load_run(run_dir: str | Path) -> RunAttention:
     run = RunAttention(run_dir, config.model.name, dataset, rows, predictions=kept, task=config.task.kind,
                        classes=list(classes or []))
     try:
-        if config.task.kind != "classification":  # the bags only: the targets are not needed here
-            table, classes = read_table(table, config.data.columns, require_labels=False).assign(label=None), []
-        data = MILDataset.from_table(table, features, columns=config.data.columns, classes=classes,
-                                     bag_unit=config.data.bag_unit)
+        if config.task.kind != "classification":  # the bags only: the targets (and labels) are not needed here
+            table, classes = read_table(table, config.data.columns, require_labels=False,
+                                        slide_table=config.data.slide_table, mixed_labels=True).assign(label=None), []
+        data = MILDataset.from_table(table, features, classes=classes, bag_unit=config.data.bag_unit,
+                                     **config.data.table_options())
         run.units = {u.bag_id: u for u in data.units}
     except (ValueError, OSError) as err:  # DataError is a ValueError
         run.units_error = str(err)

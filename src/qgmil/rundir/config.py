@@ -88,12 +88,19 @@ class DataConfig(_Section):
     """Where the bags are: a table + features folder, or a built-in dataset prepared on first use."""
 
     table: Path | None = None
+    slide_table: Path | None = Field(None, description="STAMP's layout: data.table is the clinical table (patient + "
+                                     "label, one row per patient) and this one lists the slides (patient + feature "
+                                     "file, e.g. STAMP's PATIENT and FILENAME)")
     features: Path | None = None
     builtin: str | None = Field(None, description="built-in dataset name (qgmil datasets list), instead of table")
     builtin_options: dict[str, Any] = Field(default_factory=dict)
     builtin_dir: Path | None = Field(None, description="where to prepare it (default: RUN_DIR/data/NAME)")
     columns: Columns = Field(default_factory=Columns)
     bag_unit: Literal["slide", "patient"] = "slide"
+    patient_label: Literal["refuse", "majority", "max"] = Field(
+        "refuse", description="a patient's label from its slides' labels: the label of a patient bag (refuse: slides "
+        "of different labels are an error; majority: the most frequent, ties to the first class; max: the last "
+        "class, as CLAM's voting), and what slide bags' splits stratify on (refuse: the majority)")
     classes: list[str] | None = Field(None, description="class order; default: sorted labels")
     max_instances: int | None = Field(None, ge=1, description="random subset of larger bags while training")
     cache: Literal["fp16", "fp32"] | None = None
@@ -105,7 +112,13 @@ class DataConfig(_Section):
     def _one_source(self):
         if (self.table is None) == (self.builtin is None):
             raise ValueError("give exactly one of data.table (with data.features) or data.builtin")
+        if self.slide_table is not None and self.table is None:
+            raise ValueError("data.slide_table goes with data.table (the clinical table), not data.builtin")
         return self
+
+    def table_options(self) -> dict[str, Any]:
+        """How the table is read (with `bag_unit`), as `MILDataset.from_table` and `check_dataset` take it."""
+        return {"columns": self.columns, "slide_table": self.slide_table, "patient_label": self.patient_label}
 
 
 class TaskConfig(_Section):
@@ -326,7 +339,8 @@ class RunConfig(_Section):
     def absolute(self) -> RunConfig:
         """Paths relative to the working directory made absolute, so the saved config works from anywhere."""
         data = self.data
-        paths = {k: Path(v).resolve() for k in ("table", "features", "builtin_dir") if (v := getattr(data, k)) is not None}
+        paths = {k: Path(v).resolve() for k in ("table", "slide_table", "features", "builtin_dir")
+                 if (v := getattr(data, k)) is not None}
         update: dict[str, Any] = {"data": data.model_copy(update=paths)}
         if self.eval.splits is not None:
             update["eval"] = self.eval.model_copy(update={"splits": self.eval.splits.resolve()})

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data import DataError, Fold, MILDataset, Splits, check_dataset, load_or_make_splits, prepare_dataset, read_attrs
 from ..evaluate.report import write_report
-from ..data.table import read_table
+from ..data.table import mixed_labels_allowed, read_table
 from ..models import create_model, model_entry, run_overrides
 from ..rundir import RunConfig, RunDir, RunDirError
 from ..runtime import Dist, barrier, broadcast, init_distributed
@@ -76,10 +76,12 @@ def _dataset(config: RunConfig, table: Path, features: Path) -> tuple[MILDataset
     """The run's bags and its task (for classification: its classes; else the targets parsed and checked)."""
     options = dict(bag_unit=config.data.bag_unit, cache=config.data.cache, limits=config.data.limits)
     if config.task.kind == "classification":
-        data = MILDataset.from_table(table, features, columns=config.data.columns, classes=config.data.classes,
+        data = MILDataset.from_table(table, features, classes=config.data.classes, **config.data.table_options(),
                                      **options)
         return data, make_task(config, data.classes).for_run(data)
-    frame = read_table(table, config.data.columns, require_labels=False, keep=target_columns(config))
+    frame = read_table(table, config.data.columns, require_labels=False, keep=target_columns(config),
+                       slide_table=config.data.slide_table,
+                       mixed_labels=mixed_labels_allowed(config.data.bag_unit, config.data.patient_label))
     names, problems = parse_targets(frame, config)
     if problems:
         raise DataError(problems, f"{table}: the {config.task.kind} targets have problems")
@@ -98,10 +100,11 @@ def _check(config: RunConfig, table: Path, features: Path, ctx: Dist) -> None:
     problems = []
     if ctx.is_main and config.data.check:
         classification = config.task.kind == "classification"
-        report = check_dataset(table, features, columns=config.data.columns, classes=config.data.classes,
+        report = check_dataset(table, features, classes=config.data.classes,
                                cache=config.data.cache, limits=config.data.limits, progress=config.runtime.progress,
                                require_labels=classification, keep=target_columns(config),
-                               check_targets=_check_targets(config))
+                               check_targets=_check_targets(config), bag_unit=config.data.bag_unit,
+                               **config.data.table_options())
         problems = report.problems
     problems = broadcast(problems, ctx)
     if problems:
@@ -185,6 +188,7 @@ class OpenRun:
     def checkpoint_extra(self) -> dict:
         """What every checkpoint of the run records besides the model (checked at prediction time)."""
         extra = {"in_dim": self.data.in_dim, "provenance": provenance(self.data), "bag_unit": self.config.data.bag_unit,
+                 "patient_label": self.config.data.patient_label,
                  "model": self.config.model.name, "run": str(self.run.root), "task": self.task.describe()}
         if self.task.kind == "classification":
             extra["classes"] = self.data.classes
