@@ -124,6 +124,31 @@ def test_stamp_heatmap_lands_on_the_tiles_of_the_slide(stamp_run, tmp_path):
     assert (painted == covered(coords_um[:, 0], coords_um[:, 1], tile_um)).mean() < 0.9
 
 
+@needs_wsi
+def test_stamp_tiles_exported_for_qupath_in_level0_pixels_of_the_slide(stamp_run, tmp_path):
+    import json
+
+    _require(SLIDE)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "slide_00.svs").symlink_to(SLIDE)
+    result = qgmil("explain", "export", stamp_run, "--format", "geojson", "--slides", slides, "--bags", "slide_00",
+                   "--out", tmp_path / "qupath")
+    assert result.exit_code == 0, result.output
+    features = json.loads((tmp_path / "qupath" / "slide_00.geojson").read_text())["features"]
+    corners = np.array([np.min(f["geometry"]["coordinates"][0], axis=0) for f in features
+                        if f["properties"]["objectType"] == "detection"])
+    with h5py.File(STAMP / "randconv64" / "slide_00.h5") as f:
+        expected = f["coords"][()].astype(np.float64) / SLIDE_MPP  # micrometres through the slide's mpp
+    np.testing.assert_allclose(np.sort(corners, axis=0), np.sort(expected, axis=0), atol=1)
+    # without the slide nor --mpp the micrometres cannot be placed: said, nothing written
+    result = qgmil("explain", "export", stamp_run, "--format", "geojson", "--bags", "slide_00", "--out", tmp_path / "q2")
+    assert result.exit_code != 0 and "--mpp" in result.output and not (tmp_path / "q2").exists()
+    result = qgmil("explain", "export", stamp_run, "--format", "geojson", "--bags", "slide_00", "--mpp", SLIDE_MPP,
+                   "--out", tmp_path / "q3")
+    assert result.exit_code == 0, result.output
+
+
 def test_stamp_heatmap_without_a_slide_or_its_resolution(stamp_run, tmp_path):
     from PIL import Image
 

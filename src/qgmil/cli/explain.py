@@ -115,8 +115,10 @@ _MAX_PIXELS_HELP = ("Largest plain-image slide (PNG, JPEG, plain TIFF; decoded w
 @click.option("--object-type", type=click.Choice(["detection", "tile"]), default="detection", show_default=True,
               help="QuPath object type of the tiles.")
 @click.option("--no-branches", is_flag=True, help="Leave out the branch attention of multi-branch runs.")
+@click.option("--mpp", type=POSITIVE, metavar="UM_PER_PX",
+              help="Resolution for micrometre coords (STAMP) when neither the file nor its slide records one.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), help=_MAX_PIXELS_HELP)
-def explain_export(run_dirs, fmt, out, bags, slides, object_type, no_branches, max_image_pixels):
+def explain_export(run_dirs, fmt, out, bags, slides, object_type, no_branches, mpp, max_image_pixels):
     """Export the test attention of RUN_DIR(s) for other tools: per slide, its tiles as QuPath detections
     (level-0 polygons) with the attention, its rank and percentile as measurements (per branch too, for
     multi-branch runs), and one annotation over the tissue with the predicted class.
@@ -127,8 +129,8 @@ def explain_export(run_dirs, fmt, out, bags, slides, object_type, no_branches, m
     from ..explain.qupath import export_geojson
 
     written = export_geojson(run_dirs, out, bags=_bag_list(bags), slides=slides, object_type=object_type,
-                             branches=not no_branches, echo=lambda m: click.echo(m, err=True), progress=True,
-                             max_pixels=max_image_pixels)
+                             branches=not no_branches, mpp=mpp, echo=lambda m: click.echo(m, err=True),
+                             progress=True, max_pixels=max_image_pixels)
     click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -148,8 +150,11 @@ def explain_export(run_dirs, fmt, out, bags, slides, object_type, no_branches, m
               help="Long side of the overlay images (px).")
 @click.option("--tile-size", default=254, show_default=True, type=click.IntRange(16), help="Deep Zoom tile size (px).")
 @click.option("--no-branches", is_flag=True, help="No layer per branch of multi-branch runs.")
+@click.option("--mpp", type=POSITIVE, metavar="UM_PER_PX",
+              help="Resolution for micrometre coords (STAMP) when neither the file nor its slide records one.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), help=_MAX_PIXELS_HELP)
-def explain_view(run_dirs, slides, out, bags, top, opacity, scale, max_size, tile_size, no_branches, max_image_pixels):
+def explain_view(run_dirs, slides, out, bags, top, opacity, scale, max_size, tile_size, no_branches, mpp,
+                 max_image_pixels):
     """A slide viewer of the test attention of RUN_DIR(s): static web pages, no server needed.
 
     Each slide as a Deep Zoom pyramid (OpenSeadragon), one panel per run side by side with synced viewports,
@@ -161,7 +166,7 @@ def explain_view(run_dirs, slides, out, bags, top, opacity, scale, max_size, til
     from ..explain.viewer import build_viewer
 
     site = build_viewer(run_dirs, out, slides=slides, bags=_bag_list(bags), top=top, max_size=max_size,
-                        opacity=opacity, scale=scale, tile_size=tile_size, branches=not no_branches,
+                        opacity=opacity, scale=scale, tile_size=tile_size, branches=not no_branches, mpp=mpp,
                         echo=lambda m: click.echo(m, err=True), progress=True, max_pixels=max_image_pixels)
     click.echo(f"wrote {site.index} ({len(site.pages)} slide page(s)); open it in a browser "
                f"({site.index.resolve().as_uri()}) or serve the folder: python -m http.server --directory {out}")

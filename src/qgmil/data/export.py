@@ -95,7 +95,7 @@ def _source_folder(source: Path) -> Path:
 def _listed(source: Path | None, table: Path | None, columns: Columns | None) -> tuple[list[tuple], list[str]]:
     """[(bag_id, file, patient, label)] of the bags to export, and the problems met."""
     if table is not None:
-        frame = read_table(table, columns, require_labels=False)
+        frame = read_table(table, columns, require_labels=False, mixed_labels=True)  # CLAM's cases: several labels
         files, problems = resolve_files(frame, None if source is None else _source_folder(source))
         rows = [(b, f, p, label) for b, f, p, label in zip(frame["bag_id"], files, frame["patient_id"], frame["label"])
                 if f is not None]

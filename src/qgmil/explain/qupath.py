@@ -30,7 +30,7 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from .reader import load_run
-from .slide_views import SlideView, slide_views, tested_bags
+from .slide_views import SlideView, slide_ids, slide_views, tested_bags
 
 OBJECT_TYPES = ("detection", "tile")
 #: class colours (QuPath takes [r, g, b]): tab10, the order of the run's classes
@@ -108,12 +108,13 @@ def _annotation(view: SlideView, slide_size, classes) -> dict:
 
 
 def export_geojson(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None, slides=None,
-                   object_type: str = "detection", branches: bool = True, echo=None, progress: bool = False,
-                   max_pixels: int | None = None) -> list[Path]:
+                   object_type: str = "detection", branches: bool = True, mpp: float | None = None, echo=None,
+                   progress: bool = False, max_pixels: int | None = None) -> list[Path]:
     """OUT/<stem>.geojson for every slide of `bags` (default: every test bag of the first run).
 
-    slides: a folder of slides named <slide_id>.<ext>: only their level-0 size is read, to clip the annotation
-    to the slide; bags whose slide is missing are exported unclipped, with a warning (none found: an error)."""
+    slides: a folder of slides named <slide_id>.<ext>: their level-0 size clips the annotation to the slide (and
+    their mpp places micrometre coords: STAMP's); bags whose slide is missing are exported unclipped, with a
+    warning (none found: an error). mpp: um per level-0 px for micrometre coords without one."""
     from tqdm.auto import tqdm
 
     from .heatmap import match_slides, read_slide_size
@@ -124,12 +125,12 @@ def export_geojson(run_dirs: Sequence, out, *, bags: Sequence[str] | None = None
     if not runs:
         raise ValueError("no run directory")
     bags = [str(b) for b in bags] if bags else tested_bags(runs[0])
-    views = slide_views(runs, bags, branches=branches)
     found = {}
     if slides:
         warn = echo or (lambda m: warnings.warn(m, stacklevel=3))
-        found = match_slides(slides, list(dict.fromkeys(v.slide_id for v in views)), warn=warn,
+        found = match_slides(slides, slide_ids(runs[0], bags), warn=warn,
                              missing_means="their annotation is the tiles' bounding box, unclipped")
+    views = slide_views(runs, bags, branches=branches, slides=found, mpp=mpp)
     out = Path(out)
     written = []
     for view in tqdm(views, desc="geojson", unit="slide", disable=not progress):

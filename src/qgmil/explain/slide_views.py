@@ -2,6 +2,7 @@
 layers of each run over them, and each run's prediction of the bag.
 
   slide_views(runs, bags)  -> [SlideView], one per slide of each bag (a patient bag spans several slides)
+  slide_ids(run, bags)     -> the slide ids of those bags, each once (what to look for in --slides)
   tested_bags(run)         -> every test bag of a run, in predictions.csv order
 
 A layer is one run's pooling attention, or one branch of a multi-branch run (per class for `clam_mb` and
@@ -11,8 +12,9 @@ so the slides of a patient share one scale (as `qgmil explain heatmap` does).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -69,21 +71,37 @@ def _ranks(a: np.ndarray) -> np.ndarray:
     return rankdata(-a, method="min").astype(np.int64)
 
 
-def slide_views(runs: Sequence[RunAttention], bags: Sequence[str], *, branches: bool = True) -> list[SlideView]:
+def _units(run: RunAttention, bags: Sequence[str]) -> dict:
+    units = bag_units(run)
+    unknown = [b for b in bags if b not in units]
+    if unknown:
+        raise ExplainError(f"{run.run_dir}: bag {unknown[0]!r} is not in the run's dataset")
+    return units
+
+
+def slide_ids(run: RunAttention, bags: Sequence[str]) -> list[str]:
+    """The ids of the slides the bags hold (a slide bag: its own; a patient bag: each of its slides), each once."""
+    units = _units(run, bags)
+    return list(dict.fromkeys(s for b in bags for s in units[b].slide_ids))
+
+
+def slide_views(runs: Sequence[RunAttention], bags: Sequence[str], *, branches: bool = True,
+                slides: Mapping[str, Path] | None = None, mpp: float | None = None) -> list[SlideView]:
     """One SlideView per slide of each bag: a layer per run (and per branch of the multi-branch runs, with
-    `branches`), the bags as the first run built them. Every run must have tested every bag."""
+    `branches`), the bags as the first run built them. Every run must have tested every bag.
+
+    slides: slide id -> slide file, mpp: um per level-0 px; micrometre coords (STAMP's) are placed with the
+    file's mpp, else the slide's, else `mpp` (`heatmap.bag_geometry`)."""
     if not runs:
         raise ValueError("no run")
     names = run_names(runs)
-    units = bag_units(runs[0])
-    unknown = [b for b in bags if b not in units]
-    if unknown:
-        raise ExplainError(f"{runs[0].run_dir}: bag {unknown[0]!r} is not in the run's dataset")
+    units = _units(runs[0], bags)
+    slides = slides or {}
     with_branches = [branches and has_branch_attention(r) for r in runs]
     views = []
     for bag_id in bags:
         unit = units[bag_id]
-        geometry = [bag_geometry(f) for f in unit.files]
+        geometry = [bag_geometry(f, slide=slides.get(s), mpp=mpp) for f, s in zip(unit.files, unit.slide_ids)]
         offsets = np.cumsum([0] + [c.shape[0] for c, _ in geometry])
         maps = []  # (run index, layer name, branch, weights over the whole bag)
         for i, (run, name) in enumerate(zip(runs, names)):

@@ -43,7 +43,7 @@ from ..atomic import atomic_write, atomic_write_text
 from .deepzoom import TILE_SIZE, write_pyramid
 from .heatmap import attention_heatmap, default_scale, match_slides
 from .reader import load_run
-from .slide_views import Layer, SlideView, slide_views, tested_bags
+from .slide_views import Layer, SlideView, slide_ids, slide_views, tested_bags
 
 ASSETS = Path(__file__).with_name("viewer_assets")
 OPENSEADRAGON_VERSION = "6.1.1"
@@ -185,15 +185,16 @@ def _index(out: Path, views: Sequence[SlideView], pages: Sequence[Path], names: 
 
 def build_viewer(run_dirs: Sequence, out, *, slides, bags: Sequence[str] | None = None, top: int = 10,
                  max_size: int = 2048, opacity: float = 0.5, scale: str = "rank", tile_size: int = TILE_SIZE,
-                 generator: str | None = None, branches: bool = True, echo=None, progress: bool = False,
-                 max_pixels: int | None = None) -> Site:
+                 generator: str | None = None, branches: bool = True, mpp: float | None = None, echo=None,
+                 progress: bool = False, max_pixels: int | None = None) -> Site:
     """The viewer of `run_dirs` over the slides of `bags` (default: every test bag of the first run) found in the
     folder `slides` (<slide_id>.<ext>): OUT/index.html, OUT/slides/<stem>.html per slide, and what they load.
 
     Bags without a slide are left out with a warning (`echo`, else `warnings`); none found is an error.
     top: tiles listed per layer; max_size: the overlays' long side; opacity, scale ("rank" | "raw"): the page's
     defaults; tile_size, generator: of the pyramids (deepzoom.py); branches: a layer per branch of multi-branch
-    runs; max_pixels: the largest plain-image slide read (see `open_slide`).
+    runs; mpp: um per level-0 px for micrometre coords the file and slide do not resolve; max_pixels: the
+    largest plain-image slide read (see `open_slide`).
     """
     from tqdm.auto import tqdm
 
@@ -207,11 +208,10 @@ def build_viewer(run_dirs: Sequence, out, *, slides, bags: Sequence[str] | None 
     if not runs:
         raise ValueError("no run directory")
     bags = [str(b) for b in bags] if bags else tested_bags(runs[0])
-    views = slide_views(runs, bags, branches=branches)
     warn = echo or (lambda m: warnings.warn(m, stacklevel=3))
-    found = match_slides(slides, list(dict.fromkeys(v.slide_id for v in views)), warn=warn,
+    found = match_slides(slides, slide_ids(runs[0], bags), warn=warn,
                          missing_means="not in the viewer (it shows slides)")
-    views = [v for v in views if v.slide_id in found]
+    views = [v for v in slide_views(runs, bags, branches=branches, slides=found, mpp=mpp) if v.slide_id in found]
     out = Path(out)
     _copy_assets(out)
     pyramids, mpp = {}, {}
