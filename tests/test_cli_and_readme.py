@@ -90,6 +90,8 @@ def test_cli_datasets_list_and_prepare_with_options(tmp_path):
     runner = CliRunner()
     listing = runner.invoke(main, ["datasets", "list"])
     assert listing.exit_code == 0 and "synthetic-wsi" in listing.output and "musk1" in listing.output
+    pbc = next(line for line in listing.output.splitlines() if line.startswith("pbcseq "))
+    assert pbc.endswith("[survival]")  # the task a built-in's targets are for
     out = tmp_path / "wsi"
     args = ["datasets", "prepare", "synthetic-wsi", str(out), "--bags", "3", "--min-instances", "50",
             "--max-instances", "80", "--dim", "8", "--dtype", "float16"]

@@ -86,10 +86,14 @@ def datasets_list():
     """List built-in datasets and their options."""
     from ..data.builtin import dataset_info, list_datasets
 
-    for name in list_datasets():
+    names = list_datasets()
+    width = max(map(len, names))
+    for name in names:
         info = dataset_info(name)
         options = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
-        click.echo(f"{name:<14} {info.description}" + (f"\n{'':<14} options: {options}" if options else ""))
+        task = "" if info.task == "classification" else f" [{info.task}]"
+        click.echo(f"{name:<{width}}  {info.description}{task}"
+                   + (f"\n{'':<{width}}  options: {options}" if options else ""))
 
 
 @datasets.command("prepare", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
