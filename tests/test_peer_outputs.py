@@ -243,7 +243,20 @@ def test_peer_files_go_to_the_other_peers(tmp_path, peers):
     assert to_clam.files["linked"] + to_clam.files["copied"] == 4 and to_clam.files["written"] == 4  # the .pt files
     with pytest.raises(DataError, match="tile size in level-0 px") as refused:
         export_features(CLAM, "trident", tmp_path / "no", encoder="resnet50", progress=False)
-    assert "slide_03.h5" in str(refused.value) and not (tmp_path / "no").exists()
+    assert "slide_03.h5" in str(refused.value) and "--tile-size" in str(refused.value)
+    assert not (tmp_path / "no").exists()
+    # ... unless the user gives the tile side (and, for STAMP's micrometres, the resolution)
+    to_trident = export_features(CLAM, "trident", tmp_path / "yes", encoder="resnet50", mpp=mpp, tile_size=256,
+                                 progress=False)
+    clam, again = read_bag(CLAM / "h5_files" / "slide_03.h5"), read_bag(to_trident.folder / "slide_03.h5")
+    np.testing.assert_array_equal(again.features, clam.features)
+    np.testing.assert_array_equal(again.coords, clam.coords)
+    assert again.attrs["patch_size_level0"] == 256 and again.attrs["patch_size"] == 256
+    to_stamp = export_features(CLAM, "stamp", tmp_path / "stamp2", encoder="resnet50", mpp=mpp, tile_size=256,
+                               progress=False)
+    stamp = read_bag(to_stamp.folder / "slide_03.h5")
+    np.testing.assert_allclose(stamp.coords, clam.coords * mpp, rtol=1e-6)
+    assert stamp.attrs["tile_size_um"] == pytest.approx(256 * mpp)
 
 
 # --- export: links, resume, refusals -------------------------------------------------------------------------------

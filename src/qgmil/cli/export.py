@@ -24,12 +24,14 @@ def export():
                    "(STAMP clini.csv, CLAM dataset.csv). Default for a run directory: the run's table.")
 @click.option("--mpp", type=POSITIVE, help="Level-0 um/px of slides whose files record none (STAMP's micrometre "
                                            "coords need it).")
+@click.option("--tile-size", type=POSITIVE, metavar="PX", help="Tile side in level-0 px of files that record none "
+                                                               "(CLAM's h5 files; TRIDENT and STAMP need it).")
 @click.option("--encoder", help="Name to file the features under (features_<encoder>/, <encoder>/; default: the "
                                 "encoder the files record).")
 @click.option("--copy", "copy", is_flag=True, help="Copy files already in the target layout instead of hard-linking.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @column_options
-def export_features_cmd(source, to, out, table, mpp, encoder, copy, quiet, **kw):
+def export_features_cmd(source, to, out, table, mpp, tile_size, encoder, copy, quiet, **kw):
     """Write the feature files of SOURCE (a folder of qgmil, TRIDENT, CLAM or STAMP .h5 files, a `qgmil extract`
     folder, or a training run directory: the features it trained on) as TRIDENT, STAMP or CLAM lay them out."""
     from ..data.export import export_features
@@ -44,5 +46,6 @@ def export_features_cmd(source, to, out, table, mpp, encoder, copy, quiet, **kw)
         if table is None:
             table, cols = run_table, config.data.columns
     summary = export_features(Path(source) if source is not None else None, to, out, table=table, columns=cols,
-                              mpp=mpp, encoder=encoder, link=not copy, progress=not quiet)
+                              mpp=mpp, tile_size=tile_size, encoder=encoder, link=not copy,
+                              progress=not quiet)
     click.echo(summary.format())

@@ -571,9 +571,11 @@ class TileFacts:
     encoder: str | None = None
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any], layout: str, mpp: float | None = None) -> TileFacts:
+    def from_attrs(cls, attrs: dict[str, Any], layout: str, mpp: float | None = None,
+                   tile_size: float | None = None) -> TileFacts:
         """`attrs` as `read_attrs` returns them (root attributes win over the datasets'); `mpp`: the level-0
-        resolution to assume when the file records none (the file's own wins)."""
+        resolution to assume when the file records none, `tile_size`: the tile side in level-0 px to assume
+        when it records none (CLAM's h5 files record neither; the file's own values win)."""
         def first(*keys):
             return next((v for v in (_positive(attrs.get(k)) for k in keys) if v is not None), None)
 
@@ -585,9 +587,12 @@ class TileFacts:
             ps0 = tile_um / mpp
         if ps0 is None and attrs.get("patch_level") == 0:  # CLAM: patch_size is in px of patch_level
             ps0 = first("patch_size")
+        given = _positive(tile_size)
+        ps0 = ps0 or given
         if tile_um is None and ps0 and mpp:
             tile_um = ps0 * mpp
-        patch_px = first("patch_size_px", "tile_size_px", "patch_size")
+        # a side given for a file that records none was cut at level 0 (CLAM's default patch_level)
+        patch_px = first("patch_size_px", "tile_size_px", "patch_size") or (round(given) if given else None)
         magnification = first("magnification", "level0_magnification") or (10.0 / mpp if mpp else None)
         target = first("target_magnification")
         if target is None and magnification and patch_px and ps0:

@@ -109,7 +109,7 @@ def _listed(source: Path | None, table: Path | None, columns: Columns | None) ->
     return [(p.stem, p, p.stem, None) for p in files], []
 
 
-def _plan(rows: list[tuple], to: str, mpp: float | None) -> tuple[list[_Slide], list[str]]:
+def _plan(rows: list[tuple], to: str, mpp: float | None, tile_size: float | None) -> tuple[list[_Slide], list[str]]:
     slides, problems = [], []
     for bag_id, path, patient, label in rows:
         if not bag_id or bag_id.startswith(".") or "/" in bag_id or "\\" in bag_id:
@@ -120,7 +120,7 @@ def _plan(rows: list[tuple], to: str, mpp: float | None) -> tuple[list[_Slide], 
             continue
         try:
             info = inspect_bag(path)
-            facts = TileFacts.from_attrs(read_attrs(path), info.layout, mpp)
+            facts = TileFacts.from_attrs(read_attrs(path), info.layout, mpp, tile_size)
             linkable = peer_layout_of(path) == to
         except BagFileError as err:
             problems.append(str(err))
@@ -130,7 +130,9 @@ def _plan(rows: list[tuple], to: str, mpp: float | None) -> tuple[list[_Slide], 
             continue
         needs = [] if linkable else facts.missing(to)
         if needs:
-            hint = "; --mpp gives the resolution" if any("mpp" in what for what in needs) else ""
+            hint = "".join(h for key, h in (("mpp", "; --mpp gives the resolution"),
+                                            ("tile size", "; --tile-size gives the tile side (level-0 px)"))
+                           if any(key in what for what in needs))
             problems.append(f"{path}: {to} needs {'; '.join(needs)}, which the file does not record{hint}")
         slides.append(_Slide(bag_id, path, patient or bag_id, label, facts, linkable))
     return slides, problems
@@ -202,7 +204,7 @@ def _check_manifest(out: Path, manifest: dict) -> None:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ExportError(f"{path}: not a readable export record ({err})") from None
-    keys = ("to", "source", "table", "mpp", "encoder")
+    keys = ("to", "source", "table", "mpp", "tile_size", "encoder")
     differ = [k for k in keys if old.get(k) != manifest.get(k)]
     if differ:
         details = "; ".join(f"{k}: was {old.get(k)!r}, now {manifest.get(k)!r}" for k in differ)
@@ -242,6 +244,7 @@ def export_features(
     table: str | Path | None = None,
     columns: Columns | None = None,
     mpp: float | None = None,
+    tile_size: float | None = None,
     encoder: str | None = None,
     link: bool = True,
     progress: bool = True,
@@ -251,7 +254,8 @@ def export_features(
 
     table: a qgmil table (`columns` names its columns): only its bags are exported, and its patients and labels go
     into the peer's tables. mpp: the slides' level-0 um/px where a file records none (needed to convert coords
-    between pixels and micrometres). encoder: the name to file the features under (default: the one the files
+    between pixels and micrometres). tile_size: the tile side in level-0 px where a file records none (CLAM's h5
+    files; TRIDENT and STAMP need it). encoder: the name to file the features under (default: the one the files
     record). link: hard-link files already in the target layout (False: always copy).
     Raises DataError listing every file that cannot be exported, before anything is written.
     """
@@ -261,8 +265,9 @@ def export_features(
 
     if to not in PEER_LAYOUTS:
         raise ExportError(f"unknown target layout {to!r} (choose from {', '.join(PEER_LAYOUTS)})")
-    if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
-        raise ExportError(f"--mpp must be a number > 0, got {mpp!r}")
+    for flag, value in (("--mpp", mpp), ("--tile-size", tile_size)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ExportError(f"{flag} must be a number > 0, got {value!r}")
     out = Path(out)
     source = Path(source) if source is not None else None
     if source is not None and not source.is_dir():
@@ -270,7 +275,7 @@ def export_features(
     table = Path(table) if table is not None else None
 
     rows, problems = _listed(source, table, columns)
-    slides, found = _plan(rows, to, mpp)
+    slides, found = _plan(rows, to, mpp, tile_size)
     name, unnamed = _encoder_name(slides, encoder, to)
     problems += found + unnamed
     if problems:
@@ -283,8 +288,8 @@ def export_features(
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, {"format": "qgmil-export", "to": to,
                           "source": None if source is None else str(source.resolve()),
-                          "table": None if table is None else str(table.resolve()), "mpp": mpp, "encoder": name,
-                          "qgmil_version": __version__})
+                          "table": None if table is None else str(table.resolve()), "mpp": mpp, "tile_size": tile_size,
+                          "encoder": name, "qgmil_version": __version__})
     summary = ExportSummary(out, to, folder, len(slides))
     for slide in tqdm(slides, desc=f"export {to}", unit="slide", disable=not progress):
         targets = _targets(to, out, folder, slide.bag_id)
