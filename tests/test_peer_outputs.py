@@ -161,6 +161,13 @@ def test_exported_files_have_the_peers_layout(tmp_path, peers, to):
         assert mine["attrs"] == peer["attrs"]  # TRIDENT: the same names and types in the same places; CLAM: none
     assert peer_layout_of(ours) == to
 
+    if to == "trident":  # the patches TRIDENT's visualisation reads, beside the features, as TRIDENT leaves them
+        patches = tmp_path / "out" / "patches" / "s0_patches.h5"
+        assert _layout(patches) == _layout(TRIDENT.parent / "patches" / "slide_00_patches.h5")
+        with h5py.File(patches) as f, h5py.File(ours) as g:
+            np.testing.assert_array_equal(f["coords"][()], g["coords"][()])
+            assert f["coords"].attrs["name"] == "s0" and f["coords"].attrs["patch_size_level0"] == \
+                g["coords"].attrs["patch_size_level0"]
     if to == "clam":  # CLAM's default path: pt_files/<slide>.pt, a plain tensor, readable without unpickling
         tensor = torch.load(tmp_path / "out" / "pt_files" / "s0.pt", weights_only=True)
         reference = torch.load(CLAM / "pt_files" / "slide_00.pt", weights_only=True)
@@ -190,7 +197,7 @@ def _as_stamp_reads_it(path: Path) -> tuple[np.ndarray, np.ndarray, float, float
 def test_round_trip_gives_the_same_features_and_coords(tmp_path, to):
     bags = _bags(tmp_path / "bags")
     summary = export_features(tmp_path / "bags", to, tmp_path / "out", progress=False)
-    assert summary.files["written"] == len(bags) * (2 if to == "clam" else 1)
+    assert summary.files["written"] == len(bags) * (1 if to == "stamp" else 2)  # CLAM's .pt, TRIDENT's patches
     for name, (features, coords) in bags.items():
         back = read_bag(summary.folder / f"{name}.h5")
         assert back.layout == to and len(back) == SIZES[name]
@@ -265,7 +272,7 @@ def test_files_already_in_the_layout_are_linked_else_copied(tmp_path, monkeypatc
     _bags(tmp_path / "bags")
     first = export_features(tmp_path / "bags", "trident", tmp_path / "a", progress=False)
     again = export_features(first.folder, "trident", tmp_path / "b", progress=False)
-    assert again.files["linked"] == 3 and again.files["written"] == 0
+    assert again.files["linked"] == 3 and again.files["written"] == 3  # the patches files
     assert os.path.samefile(first.folder / "s1.h5", again.folder / "s1.h5")
 
     copied = export_features(first.folder, "trident", tmp_path / "c", link=False, progress=False)

@@ -662,12 +662,7 @@ def write_trident_bag(path: str | Path, features: np.ndarray, coords_px: np.ndar
     recorded, level0_width/height are the tiles' far edges (the least the slide must measure)."""
     path = Path(path)
     features = _checked_features(features, path).astype(np.float32, copy=False)
-    coords = _whole(coords_px, np.int64, path)
-    size = facts.level0_size or _extent(coords, facts.patch_size_level0)
-    coords_attrs = trident_coords_attrs(
-        name=path.stem, patch_size=facts.patch_px, patch_size_level0=facts.patch_size_level0,
-        level0_magnification=facts.level0_magnification, target_magnification=facts.target_magnification,
-        level0_width=size[0], level0_height=size[1], overlap=facts.overlap, savetodir=path.parent.parent)
+    coords, coords_attrs = _trident_coords(coords_px, facts, path, name=path.stem)
 
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
@@ -676,6 +671,29 @@ def write_trident_bag(path: str | Path, features: np.ndarray, coords_px: np.ndar
             _growable(f, "coords", coords).attrs.update(coords_attrs)
 
     return atomic_write(path, write)
+
+
+def write_trident_patches(path: str | Path, coords_px: np.ndarray, facts: TileFacts, *, name: str) -> Path:
+    """TRIDENT's `patches/<slide>_patches.h5` (what its visualisation and slide encoders read), atomically: `coords`
+    int64 level-0 px with TRIDENT's attributes; `name`: the slide's."""
+    path = Path(path)
+    coords, coords_attrs = _trident_coords(coords_px, facts, path, name=name)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            _growable(f, "coords", coords).attrs.update(coords_attrs)
+
+    return atomic_write(path, write)
+
+
+def _trident_coords(coords_px: np.ndarray, facts: TileFacts, path: Path, *, name: str) -> tuple[np.ndarray, dict]:
+    """The coords (N, 2) int64 of a TRIDENT file at `path` and the attributes TRIDENT reads on them."""
+    coords = _whole(coords_px, np.int64, path)
+    size = facts.level0_size or _extent(coords, facts.patch_size_level0)
+    return coords, trident_coords_attrs(
+        name=name, patch_size=facts.patch_px, patch_size_level0=facts.patch_size_level0,
+        level0_magnification=facts.level0_magnification, target_magnification=facts.target_magnification,
+        level0_width=size[0], level0_height=size[1], overlap=facts.overlap, savetodir=path.parent.parent)
 
 
 def _extent(coords: np.ndarray, patch: float | None) -> tuple[int, int]:

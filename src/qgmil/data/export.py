@@ -3,7 +3,8 @@
     export_features("runs/features", "stamp", "for_stamp", table="labels.csv")
 
 OUT, by target:
-  trident  features_<encoder>/<slide>.h5        `features`, `coords` with TRIDENT's attributes on `coords`
+  trident  features_<encoder>/<slide>.h5        `features`, `coords` with TRIDENT's attributes on `coords`;
+           patches/<slide>_patches.h5           `coords` alone, as TRIDENT's patching step leaves them
   clam     h5_files/<slide>.h5, pt_files/<slide>.pt   dataset.csv (case_id, slide_id, label; with a table)
   stamp    <encoder>/<slide>.h5                 slide.csv (PATIENT, FILENAME); clini.csv (PATIENT, <label
                                                 column>; with a table that has labels)
@@ -36,7 +37,7 @@ import pandas as pd
 from ..atomic import atomic_create_text, atomic_write
 from .bagfile import (
     PEER_LAYOUTS, BagFileError, TileFacts, inspect_bag, peer_layout_of, read_attrs, read_bag, write_clam_bag,
-    write_clam_pt, write_stamp_bag, write_trident_bag,
+    write_clam_pt, write_stamp_bag, write_trident_bag, write_trident_patches,
 )
 from .table import Columns, DataError, read_table, resolve_files
 
@@ -157,6 +158,8 @@ def _encoder_name(slides: list[_Slide], encoder: str | None, to: str) -> tuple[s
 def _targets(to: str, out: Path, folder: Path, bag_id: str) -> list[Path]:
     if to == "clam":
         return [out / "h5_files" / f"{bag_id}.h5", out / "pt_files" / f"{bag_id}.pt"]
+    if to == "trident":  # a job folder: the features, and the patches its visualisation reads
+        return [folder / f"{bag_id}.h5", out / "patches" / f"{bag_id}_patches.h5"]
     return [folder / f"{bag_id}.h5"]
 
 
@@ -183,7 +186,9 @@ def _write(slide: _Slide, to: str, todo: list[Path], encoder: str | None) -> Non
     facts = slide.facts
     try:
         for target in todo:
-            if to == "trident":
+            if to == "trident" and target.parent.name == "patches":
+                write_trident_patches(target, facts.coords_in(bag.coords, "px"), facts, name=slide.bag_id)
+            elif to == "trident":
                 write_trident_bag(target, bag.features, facts.coords_in(bag.coords, "px"), facts, encoder=encoder)
             elif to == "stamp":
                 write_stamp_bag(target, bag.features, facts.coords_in(bag.coords, "um"), facts, extractor=encoder)
@@ -295,7 +300,7 @@ def export_features(
         targets = _targets(to, out, folder, slide.bag_id)
         todo = [t for t in targets if not t.exists()]  # a file there is complete (written atomically): resume
         summary.files["skipped"] += len(targets) - len(todo)
-        if slide.linkable and targets[0] in todo:  # CLAM's .pt is made from the features even then
+        if slide.linkable and targets[0] in todo:  # CLAM's .pt, TRIDENT's patches are made even then
             summary.files[_link_or_copy(slide.path, targets[0], link)] += 1
             todo.remove(targets[0])
         if todo:
