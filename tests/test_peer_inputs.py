@@ -245,6 +245,21 @@ def test_clam_patient_bags_train_and_predict_with_max_voting(tmp_path):
     assert dict(pd.read_csv(tmp_path / "pred" / "predictions.csv", dtype=str)[["bag_id", "label"]].values) == labels
 
 
+def test_data_split_makes_the_splits_training_makes_under_the_same_patient_label_rule(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    result = qgmil("train", "--table", CLAM / "dataset.csv", "--features", CLAM, "--patient-label", "max", *TINY,
+                   *NO_VAL, "--out", run)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "splits.json"
+    result = qgmil("data", "split", "--table", CLAM / "dataset.csv", "--folds", "2", "--val-fraction", "0",
+                   "--patient-label", "max", "--out", out)
+    assert result.exit_code == 0, result.output
+    ours, trained = (json.loads(p.read_text())["folds"] for p in (out, run / "splits.json"))
+    assert ours == trained  # the same patient labels to stratify on: the same folds, each case in one part
+
+
 # --- 4. STAMP's two tables, CSV or Excel --------------------------------------------------------------
 
 def test_stamp_tables_train_as_stamp_users_have_them(stamp_run):

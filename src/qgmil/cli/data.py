@@ -56,16 +56,21 @@ def data_check(table, features, classes, in_dim, no_scan, cache, limits, as_json
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds (repeated k-fold).")
 @click.option("--val-fraction", default=0.2, show_default=True, help="Share of training patients kept for validation.")
 @click.option("--ignore-table-split", is_flag=True, help="Make k-fold even when the table has a split/fold column.")
+@patient_label_option
 @column_options
-def data_split(table, out, folds, seeds, val_fraction, ignore_table_split, slide_table, **kw):
+def data_split(table, out, folds, seeds, val_fraction, ignore_table_split, patient_label, slide_table, **kw):
     """Write patient-level stratified splits (or the table's own split/fold column) to --out.
 
     A patient's slides always go to the same part, even when their labels differ (CLAM's datasets): the
-    patient is then stratified on its slides' majority label."""
+    patient is then stratified on its label under --patient-label (default: its slides' majority), the
+    splits `qgmil train` makes with the same rule."""
     from ..data import make_splits, read_table, splits_from_table
     from ..data.splits import fold_summary
+    from ..data.table import add_patient_labels, infer_classes
 
     frame = read_table(table, columns(kw), slide_table=slide_table, mixed_labels=True)
+    if patient_label not in (None, "refuse"):
+        frame = add_patient_labels(frame, patient_label, infer_classes(frame["label"]))
     seed_list = [int(s) for s in seeds.split(",")]
     splits = None if ignore_table_split else splits_from_table(frame, seed_list, val_fraction)
     splits = splits or make_splits(frame, folds, seed_list, val_fraction)
