@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qgmil.data import BagFileError, inspect_bag, read_bag, read_coords, read_extra, read_features, write_bag
+from qgmil.numbers import positive_number
 
 RNG = np.random.default_rng(0)
 FEATS = RNG.normal(size=(17, 6)).astype(np.float32)
@@ -178,3 +179,13 @@ def test_read_extra_reads_one_dataset_as_read_bag_does(tmp_path, name):
     if name == "own.h5":
         np.testing.assert_array_equal(read_extra(path, "instance_labels"), np.arange(17) % 2)
         assert read_extra(path, "instance_names")[3] == "cell_3.png"
+
+
+@pytest.mark.parametrize("value, expected", [
+    (0.5, 0.5), ("0.2527", 0.2527), (np.float32(2.0), 2.0), (np.int64(256), 256.0), (b"40", 40.0),
+    (None, None), ("", None), ("n/a", None), ([0.5], None), (0, None), (-1.0, None), (float("nan"), None),
+    (float("inf"), None), (True, None), (np.bool_(True), None),
+])
+def test_positive_number_reads_sizes_and_resolutions(value, expected):
+    """One reader for optional metadata numbers (slide properties are text, h5 attrs numpy scalars)."""
+    assert positive_number(value) == (pytest.approx(expected) if expected is not None else None)

@@ -154,6 +154,10 @@ def test_stamp_coords_in_micrometres(tmp_path):
     write_bag(bad, np.zeros((8, 4), np.float32), coords_um, coord_unit="um")
     with pytest.raises(HeatmapError, match="mpp"):
         bag_geometry(bad)
+    flag = tmp_path / "boolmpp.h5"  # a bool is no resolution, though float(True) == 1
+    write_bag(flag, np.zeros((8, 4), np.float32), coords_um, coord_unit="um", attrs={"mpp": True})
+    with pytest.raises(HeatmapError, match="mpp"):
+        bag_geometry(flag)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openslide") is None and importlib.util.find_spec("tiffslide") is None,

@@ -19,7 +19,7 @@ PACKAGE = Path(qgmil.__file__).parent
 
 #: each top-level module or subpackage of qgmil and its layer: a module may import its own layer or lower ones
 LAYERS = {
-    "__init__": 0, "atomic": 0, "locks": 0, "plotting": 0, "task_specs": 0,
+    "__init__": 0, "atomic": 0, "locks": 0, "numbers": 0, "plotting": 0, "task_specs": 0,
     "layers": 1,
     "models": 2,
     "checkpoint": 3, "convert": 3,

@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..atomic import atomic_write
+from ..numbers import positive_number
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth", ".npy")
 QGMIL_FORMAT = "qgmil-bag"
@@ -538,17 +539,6 @@ def trident_coords_attrs(*, name: str, patch_size: float, patch_size_level0: flo
     return {**attrs, "name": str(name), "savetodir": str(savetodir)}
 
 
-def _positive(value) -> float | None:
-    """A finite number > 0, or None (absent, text, a list, 0, NaN)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number > 0 else None
-
-
 @dataclass(frozen=True)
 class TileFacts:
     """What a feature file records about its tiles, in the terms each layout needs, whichever layout wrote it.
@@ -577,17 +567,17 @@ class TileFacts:
         resolution to assume when the file records none, `tile_size`: the tile side in level-0 px to assume
         when it records none (CLAM's h5 files record neither; the file's own values win)."""
         def first(*keys):
-            return next((v for v in (_positive(attrs.get(k)) for k in keys) if v is not None), None)
+            return next((v for v in (positive_number(attrs.get(k)) for k in keys) if v is not None), None)
 
         unit = str(attrs.get("coord_unit") or attrs.get("unit") or ("um" if layout == "stamp" else "px"))
-        mpp = first("mpp") or _positive(mpp)
+        mpp = first("mpp") or positive_number(mpp)
         tile_um = first("tile_size_um", "patch_size_um")
         ps0 = first("patch_size_level0")
         if ps0 is None and tile_um and mpp:
             ps0 = tile_um / mpp
         if ps0 is None and attrs.get("patch_level") == 0:  # CLAM: patch_size is in px of patch_level
             ps0 = first("patch_size")
-        given = _positive(tile_size)
+        given = positive_number(tile_size)
         ps0 = ps0 or given
         if tile_um is None and ps0 and mpp:
             tile_um = ps0 * mpp

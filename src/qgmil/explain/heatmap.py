@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..numbers import positive_number
 from ..extract.slide import PLAIN_SUFFIXES, WSI_SUFFIXES, SlideError, open_slide
 from ..plotting import new_figure, save_exact
 from .grid import ranked_rows, render_gallery, tile_crops
@@ -276,14 +277,6 @@ def slide_mpp(slide_path, *, mpp: float | None = None, max_pixels: int | None = 
         raise HeatmapError(str(err)) from None
 
 
-def _positive(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) and value > 0 else None
-
-
 def bag_geometry(path, *, slide=None, mpp: float | None = None, tile_size: float | None = None, warn=None,
                  micrometres_ok: bool = False, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
     """(coords (N, 2) in level-0 px, tile side in level-0 px) of a feature file.
@@ -304,15 +297,15 @@ def bag_geometry(path, *, slide=None, mpp: float | None = None, tile_size: float
         raise HeatmapError(f"{path}: the feature file has no coords, so its attention cannot be placed")
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     attrs = read_attrs(path)
-    given = _positive(tile_size) if tile_size is not None else None
+    given = positive_number(tile_size) if tile_size is not None else None
     if tile_size is not None and given is None:
         raise HeatmapError(f"--tile-size must be a number > 0 (level-0 px), got {tile_size!r}")
     patch = None
     if unit == "um":
-        resolution = _positive(attrs.get("mpp"))
+        resolution = positive_number(attrs.get("mpp"))
         if resolution is None and slide is not None:
             resolution = slide_mpp(slide, max_pixels=max_pixels)
-        resolution = resolution or _positive(mpp)
+        resolution = resolution or positive_number(mpp)
         if resolution is None and not micrometres_ok:
             where = (f"nor the slide {slide} (no mpp in its metadata)" if slide is not None
                      else "and no slide was found for it (--slides)")
@@ -325,7 +318,7 @@ def bag_geometry(path, *, slide=None, mpp: float | None = None, tile_size: float
                                    "resolution to convert it: give the slide (--slides) or --mpp")
             resolution = 1.0
         coords = coords / resolution
-        if given is None and _positive(attrs.get("tile_size_um")):
+        if given is None and positive_number(attrs.get("tile_size_um")):
             patch = float(attrs["tile_size_um"]) / resolution
     elif unit not in (None, "px"):
         raise HeatmapError(f"{path}: unknown coord unit {unit!r}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..numbers import positive_number
 from .limits import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV, max_image_pixels  # noqa: F401  (re-exported)
 
 #: formats only a WSI reader (openslide / tiffslide) opens (.tif / .tiff: tried with one, then Pillow)
@@ -63,14 +64,6 @@ def _to_rgb(image) -> np.ndarray:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return np.array(Image.alpha_composite(white, Image.fromarray(rgba)).convert("RGB"))
     return np.array(image.convert("RGB"), dtype=np.uint8)
-
-
-def _float(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) and value > 0 else None
 
 
 def _wsi_backend() -> str | None:
@@ -125,8 +118,8 @@ class Slide:
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
         props = handle.properties
-        self.mpp = _float(props.get(f"{self.backend}.mpp-x")) or _float(props.get(f"{self.backend}.mpp-y"))
-        self.magnification = _float(props.get(f"{self.backend}.objective-power")) or _float(props.get("aperio.AppMag"))
+        self.mpp = positive_number(props.get(f"{self.backend}.mpp-x")) or positive_number(props.get(f"{self.backend}.mpp-y"))
+        self.magnification = positive_number(props.get(f"{self.backend}.objective-power")) or positive_number(props.get("aperio.AppMag"))
 
     def _open_pillow(self):
         from PIL import Image
@@ -147,7 +140,7 @@ class Slide:
                 f"limit with --max-image-pixels or ${MAX_PIXELS_ENV}")
         self.level_dimensions = (self.dimensions,)
         self.level_downsamples = (1.0,)
-        dots_per_inch = _float(dpi[0]) if dpi else None
+        dots_per_inch = positive_number(dpi[0]) if dpi else None
         mpp = 25400.0 / dots_per_inch if dots_per_inch else None
         self.mpp = mpp if mpp and _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1] else None
         self.magnification = None
@@ -271,7 +264,7 @@ def open_slide(path, *, mpp: float | None = None, backend: str | None = None, ma
     path = Path(path)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if mpp is not None and _float(mpp) is None:
+    if mpp is not None and positive_number(mpp) is None:
         raise SlideError(f"{path}: mpp must be a number > 0, got {mpp!r}")
     max_pixels = max_image_pixels(max_pixels)
     if not path.is_file():
