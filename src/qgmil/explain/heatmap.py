@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..numbers import positive_number
 from ..extract.slide import PLAIN_SUFFIXES, WSI_SUFFIXES, SlideError, open_slide
+from ..numbers import positive_number
 from ..plotting import new_figure, save_exact
 from .grid import ranked_rows, render_gallery, tile_crops
 from .reader import HeatmapError, bag_attention, bag_branch_attention, bag_units, load_run, run_names

@@ -118,8 +118,10 @@ class Slide:
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
         props = handle.properties
-        self.mpp = positive_number(props.get(f"{self.backend}.mpp-x")) or positive_number(props.get(f"{self.backend}.mpp-y"))
-        self.magnification = positive_number(props.get(f"{self.backend}.objective-power")) or positive_number(props.get("aperio.AppMag"))
+        self.mpp = (positive_number(props.get(f"{self.backend}.mpp-x"))
+                    or positive_number(props.get(f"{self.backend}.mpp-y")))
+        self.magnification = (positive_number(props.get(f"{self.backend}.objective-power"))
+                              or positive_number(props.get("aperio.AppMag")))
 
     def _open_pillow(self):
         from PIL import Image
