@@ -83,7 +83,8 @@ def test_branches_share_v_and_u_and_each_has_its_own_w():
             state = {n: t for n, t in multi.state_dict().items() if not n.startswith("attn_w")}
             single.load_state_dict({**state, "attn_w.weight": multi.attn_w.weight[k:k + 1],
                                     "attn_w.bias": multi.attn_w.bias[k:k + 1]})
-            torch.testing.assert_close(single(x, mask)[1], attention[:, k], rtol=0, atol=0)
+            # a (dim, 3) and a (dim, 1) matmul may take different CPU kernels: equal up to float rounding
+            torch.testing.assert_close(single(x, mask)[1], attention[:, k], rtol=1e-6, atol=1e-7)
 
 
 def test_saturated_gate_is_the_plain_formula():
