@@ -1,6 +1,6 @@
 """Reading optional numbers out of files' metadata (slide properties, HDF5 attributes, peer tables).
 
-Torch-free and import-free so the slide readers, the feature-file readers and the heatmaps share one rule.
+It imports nothing of qgmil and no torch, so the slide readers, the feature-file readers and the heatmaps share one rule.
 """
 
 from __future__ import annotations

@@ -297,7 +297,7 @@ def bag_geometry(path, *, slide=None, mpp: float | None = None, tile_size: float
         raise HeatmapError(f"{path}: the feature file has no coords, so its attention cannot be placed")
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     attrs = read_attrs(path)
-    given = positive_number(tile_size) if tile_size is not None else None
+    given = positive_number(tile_size)
     if tile_size is not None and given is None:
         raise HeatmapError(f"--tile-size must be a number > 0 (level-0 px), got {tile_size!r}")
     patch = None
@@ -318,8 +318,9 @@ def bag_geometry(path, *, slide=None, mpp: float | None = None, tile_size: float
                                    "resolution to convert it: give the slide (--slides) or --mpp")
             resolution = 1.0
         coords = coords / resolution
-        if given is None and positive_number(attrs.get("tile_size_um")):
-            patch = float(attrs["tile_size_um"]) / resolution
+        tile_um = positive_number(attrs.get("tile_size_um"))
+        if given is None and tile_um:
+            patch = tile_um / resolution
     elif unit not in (None, "px"):
         raise HeatmapError(f"{path}: unknown coord unit {unit!r}")
     if given is not None:
