@@ -282,10 +282,14 @@ def test_builtin_preset_resolves_and_flags_override_it(tmp_path):
     assert (spec.folds, spec.workers, spec.train["optim.epochs"], spec.train["optim.lr"]) == (3, 1, 5, 2e-4)
     with pytest.raises(BenchmarkError, match="not both"):
         load_spec(tmp_path / "x.yaml", builtin=True)
-    # the command line: the preset, nothing trained with --report-only; --out is required without --builtin
-    result = CliRunner().invoke(main, ["benchmark", "--builtin", "--report-only", "--out", str(tmp_path / "b")])
-    assert result.exit_code == 0, result.output
-    assert f"0/{len(cells)} cells finished" in result.output
+    # the command line: the preset; --report-only with nothing finished is an error that names --out and
+    # writes nothing there (no empty tables that look like a result); --out is required without --builtin
+    (tmp_path / "empty").mkdir()
+    for out, problem in ((tmp_path / "b", "does not exist"), (tmp_path / "empty", "has no finished cell")):
+        result = CliRunner().invoke(main, ["benchmark", "--builtin", "--report-only", "--out", str(out)])
+        assert result.exit_code != 0 and f"{out} {problem}" in result.output, result.output
+        assert "nothing to report" in result.output
+    assert not (tmp_path / "b").exists() and not list((tmp_path / "empty").iterdir())
     assert "--out" in invoke("--datasets", "musk1", "--models", "abmil").output
 
 

@@ -209,6 +209,11 @@ def run_benchmark(
     failures: list[CellFailure] = []
     submitted: list[str] = []
     start = time.time()
+    if report_only and not any(c.finished for c in cells):
+        found = "does not exist" if not out.is_dir() else "has no finished cell of this grid"
+        raise BenchmarkError(f"--report-only: {out} {found}, so there is nothing to report; check --out and the grid "
+                             "(BENCH_FILE, --datasets, --models, --folds, --seeds), or run it first without "
+                             "--report-only")
     if not report_only:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "benchmark.yaml", dump_yaml(spec.model_dump(mode="json")))
