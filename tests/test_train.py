@@ -197,6 +197,7 @@ def test_torchrun_two_processes_match_one(digits, tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "qgmil", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("run directory:") == 1  # rank 0 alone prints the summary
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     a, b = (pd.read_csv(tmp_path / r / "predictions.csv") for r in ("one", "two"))
     assert a["bag_id"].tolist() == b["bag_id"].tolist()
@@ -204,6 +205,29 @@ def test_torchrun_two_processes_match_one(digits, tmp_path):
     np.testing.assert_allclose(a["prob_positive"], b["prob_positive"], atol=1e-3)
     s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
     assert abs(s1["auroc"]["mean"] - s2["auroc"]["mean"]) < 0.01
+
+
+LONE_FAILURE = """
+import datetime, torch, torch.distributed as dist
+import qgmil.runtime as runtime
+runtime.CLOSE_WAIT = datetime.timedelta(seconds=2)
+ctx = runtime.init_distributed("cpu")
+if ctx.rank == 1:
+    raise SystemExit("rank 1 fails alone")
+dist.all_reduce(torch.ones(1))  # rank 0 waits for a rank that never comes
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_a_rank_failing_alone_ends_the_launch_instead_of_hanging(tmp_path):
+    # At exit each rank waits for the others before leaving the process group (no worker thread outlives the
+    # interpreter); a rank that failed never arrives, so that wait is bounded by CLOSE_WAIT.
+    script = tmp_path / "lone_failure.py"
+    script.write_text(LONE_FAILURE)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode != 0 and "rank 1 fails alone" in run.stderr, run.stderr[-2000:]
 
 
 def test_multiclass_ordinal_bf16_and_early_stopping(tmp_path):

@@ -84,9 +84,12 @@ def train(config_file, sets, out, resume, quiet, **flags):
     per-fold checkpoints and metrics, test predictions and attention, and the summary.
     """
     from ..evaluate.metrics import format_summary
+    from ..runtime import is_main_process
     from ..train.run import train_run
 
     summary = train_run(run_config(config_file, sets, quiet, flags, out, resume), out, resume=resume, command=command_line())
+    if not is_main_process():  # under torchrun every rank has the summary; one prints it
+        return
     click.echo(format_summary(summary))
     click.echo(f"run directory: {out}  (summary.md, predictions.csv, folds/*/best.safetensors)")
 

@@ -152,8 +152,8 @@ def extract_cells(
     sources = [BagSource(bag_id, str(s.folder) if table is None else f"{table} (sample {bag_id})", s)
                for bag_id, s in samples.items()]
     dist = init_distributed(device)
-    # The process group is left to the process's exit, as `qgmil train` does: destroying it right after the
-    # last barrier raced with gloo's in-flight messages (a rare SIGABRT in one rank).
+    # The process group is closed at the process's exit, once every rank is there (runtime.init_distributed),
+    # as for `qgmil train`: closing it right after the last barrier could abort a rank (a rare SIGABRT).
     model = create_encoder(encoder, weights, seed=seed)
     size = cell_px or model.info.input_size or 224
     manifest = make_manifest("cells", model, {"cell_px": size}, command)

@@ -187,8 +187,8 @@ def extract_slides(
     out = Path(out)
     sources = [BagSource(p.stem, str(p)) for p in find_slides(slides, recursive)]
     dist = init_distributed(device)
-    # The process group is left to the process's exit, as `qgmil train` does: destroying it right after the
-    # last barrier raced with gloo's in-flight messages (a rare SIGABRT in one rank).
+    # The process group is closed at the process's exit, once every rank is there (runtime.init_distributed),
+    # as for `qgmil train`: closing it right after the last barrier could abort a rank (a rare SIGABRT).
     model = create_encoder(encoder, weights, seed=seed)
     # The fallback mpp only concerns slides without one, which have no features yet: adding it on a rerun
     # (after "no mpp" failures) resumes the same extraction. The pixel limit only decides which images are read.
