@@ -117,7 +117,7 @@ def _close_process_group() -> None:
     interpreter's end while a gloo worker thread still held its last collective (the final broadcast) and
     its Python tensors: the thread then needs the GIL that finalization has taken away and aborts the
     process after a finished run ("terminate called without an active exception"; about 1 in 7 runs of
-    `torchrun --nproc_per_node 2 -m qgmil train` on 2 CPU cores, none in 30 with the wait). A rank that
+    `torchrun --nproc_per_node 2 -m qgmil train` on 2 CPU cores, none in 40 with the wait). A rank that
     failed never arrives: after CLOSE_WAIT the others leave the group to the process's end."""
     if not dist.is_initialized():
         return
