@@ -107,9 +107,9 @@ def init_distributed(device_name: str = "auto") -> Dist:
 
 
 def is_main_process() -> bool:
-    """Rank 0 of a `torchrun` launch, or a process on its own (read from the environment, so it holds with or
-    without a process group)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 of a `torchrun` launch, or a process on its own (read from the environment as init_distributed
+    does, so it holds with or without a process group)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
 def _close_process_group() -> None:
