@@ -82,6 +82,44 @@ def test_fp16_cache(dataset_dir):
     assert part._cache is ds._cache and part.bag_ids == ["s1", "s4"] and part.max_instances == 5
 
 
+def test_auto_cache_keeps_a_dataset_that_fits_and_reads_each_file_once(dataset_dir, monkeypatch):
+    """cache="auto" (the run default) is fp32 when the dataset's float32 features fit auto_cache_limit(): each
+    file is read once, subsets share the cache and the decision, and the values are the files' own."""
+    import qgmil.data.dataset as dataset_module
+
+    ds = load(dataset_dir, cache="auto")
+    assert ds.feature_bytes() == int(ds.lengths.sum()) * 8 * 4
+    reads = []
+    real_read = dataset_module.read_features
+    monkeypatch.setattr(dataset_module, "read_features", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    part = ds.subset(["s1", "s4"])
+    assert ds.cache_mode == part.cache_mode == "fp32" and part._cache is ds._cache
+    for _ in range(3):
+        np.testing.assert_array_equal(part[1].features.numpy(), read_features(dataset_dir / "features" / "s4.h5"))
+        ds[4]
+    assert reads == [dataset_dir / "features" / "s4.h5"]
+
+
+def test_auto_cache_reads_from_the_files_when_the_dataset_does_not_fit(dataset_dir, monkeypatch):
+    import qgmil.data.dataset as dataset_module
+
+    ds = load(dataset_dir, cache="auto")
+    monkeypatch.setattr(dataset_module, "auto_cache_limit", lambda: ds.feature_bytes() - 1)
+    assert ds.cache_mode is None and ds.subset(["s1"]).cache_mode is None
+    ds[3]
+    assert not ds._cache
+
+
+def test_auto_cache_limit_is_shared_by_torchrun_processes(monkeypatch):
+    from qgmil.data.dataset import AUTO_CACHE_BYTES, auto_cache_limit
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = auto_cache_limit()
+    assert 0 < alone <= AUTO_CACHE_BYTES
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert auto_cache_limit() == alone // 4
+
+
 def test_subset_rejects_unknown_ids(dataset_dir):
     with pytest.raises(ValueError, match="'nope' is not in the table"):
         load(dataset_dir).subset(["s1", "nope"])

@@ -115,7 +115,10 @@ def test_a_tuned_cell_with_helper_tasks_shares_its_studies(slurm_cluster, tmp_pa
     spec = tmp_path / "bench.yaml"
     spec.write_text(bench_yaml(data, slurm_cluster.partition).replace("models: [mean_pool, qgmil_light]",
                                                                       "models: [mean_pool]\ntune_workers: 2")
-                    .replace("tune: 3", "tune: 6"))
+                    .replace("tune: 3", "tune: 6")
+                    .replace("optim.epochs: 4", "optim.epochs: 100\n  eval.patience: null\n  tune.pruner: none"))
+    # Unpruned trials of 100 epochs (~1 s each) leave the helper task time to start (SLURM, imports, a 2 s poll)
+    # before role 0 has spent the budget alone (with the bags read once, 4-epoch trials took 0.1 s).
     out = tmp_path / "out"
     result = invoke(spec, "--executor", "slurm", "--wait", "--out", out)
     assert result.exit_code == 0, result.output

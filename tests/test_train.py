@@ -144,6 +144,39 @@ def test_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
         pd.testing.assert_frame_equal(a, b)
 
 
+def test_auto_cache_reads_each_bag_once_and_trains_as_reading_the_files(digits, tmp_path, monkeypatch):
+    """data.cache: auto (the default) keeps the digits in memory: each file is read once in the whole run, and
+    the run ends as one that reads every bag from its file each time, byte for byte. A run whose config.yaml
+    says cache: null (as before auto was the default) resumes under the default; fp16 (other values) is refused."""
+    import qgmil.data.dataset as dataset_module
+
+    reads = []
+    real_read = dataset_module.read_features
+    monkeypatch.setattr(dataset_module, "read_features", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    uncached = small_config(digits, **{"data.cache": None})
+    train_run(uncached, tmp_path / "files")
+    assert len(reads) > 2 * len(set(reads))
+    reads.clear()
+    assert small_config(digits).data.cache == "auto"
+    train_run(small_config(digits), tmp_path / "cached")
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 48
+    for name in ("predictions.csv", "summary.json"):
+        assert (tmp_path / "files" / name).read_text() == (tmp_path / "cached" / name).read_text()
+
+    def stop(fold, epoch):
+        if fold == "seed0-fold1" and epoch == 0:
+            raise Interrupted
+
+    monkeypatch.setattr(loop, "_epoch_end_hook", stop)
+    with pytest.raises(Interrupted):
+        train_run(uncached, tmp_path / "resumed")
+    monkeypatch.setattr(loop, "_epoch_end_hook", lambda fold, epoch: None)
+    with pytest.raises(ConfigError, match="differs from the run's config.yaml"):
+        train_run(small_config(digits, **{"data.cache": "fp16"}), tmp_path / "resumed", resume=True)
+    train_run(small_config(digits), tmp_path / "resumed", resume=True)
+    assert (tmp_path / "files" / "predictions.csv").read_text() == (tmp_path / "resumed" / "predictions.csv").read_text()
+
+
 def test_predict_with_a_run(digits, tmp_path):
     out = tmp_path / "run"
     train_run(small_config(digits, **{"eval.save_attention": False}), out)

@@ -6,7 +6,7 @@ from .bagfile import (
 )
 from .builtin import BagDataset, dataset_info, digit_bags, list_datasets, prepare_dataset
 from .collate import BagBatch, PackedBatch, collate_bags, collate_packed, pack_bags, pad_bags
-from .dataset import BagItem, MILDataset
+from .dataset import BagItem, MILDataset, auto_cache_limit
 from .loader import make_loader, set_epoch
 from .sampler import BucketBatchSampler, padding_fraction
 from .splits import Fold, Splits, load_or_make_splits, make_splits, splits_from_table
@@ -20,5 +20,5 @@ __all__ = [
     "digit_bags", "list_datasets", "prepare_dataset",
     "inspect_bag", "load_or_make_splits", "make_loader", "make_splits", "pad_bags", "padding_fraction",
     "read_attrs", "read_bag", "read_coords", "read_extra", "read_features", "read_table", "set_epoch",
-    "splits_from_table", "write_bag",
+    "splits_from_table", "write_bag", "auto_cache_limit",
 ]

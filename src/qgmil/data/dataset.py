@@ -1,12 +1,13 @@
 """`MILDataset`: bags from a table + feature files, read lazily, one item per slide or per patient.
 
 Files are opened inside `__getitem__`, so each DataLoader worker opens its own HDF5 handles (h5py
-handles do not survive fork). An optional in-memory cache (fp16 halves it) serves datasets that fit
-in RAM; `max_instances` draws a random subset of a large bag, reproducibly from (seed, epoch, index).
+handles do not survive fork). An in-memory cache (fp16 halves it; "auto": fp32 when the whole dataset fits
+`auto_cache_limit()`) serves datasets that fit in RAM, so each file is read once per process; `max_instances` draws a random subset of a large bag, reproducibly from (seed, epoch, index).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -23,8 +24,20 @@ from .table import (
 )
 
 BagUnit = Literal["slide", "patient"]
-CacheMode = Literal["fp16", "fp32"]
+CacheMode = Literal["auto", "fp16", "fp32"]
 FP16_MAX = 65504.0  # the largest finite float16
+AUTO_CACHE_BYTES = 4 * 2**30
+
+
+def auto_cache_limit() -> int:
+    """The most feature bytes `cache="auto"` keeps in memory: 4 GiB, or a quarter of the machine's memory if
+    that is less, shared by the processes torchrun starts on this machine (each holds its own copy)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the fixed limit
+        memory = 4 * AUTO_CACHE_BYTES
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(AUTO_CACHE_BYTES, memory // 4) // processes
 
 
 @dataclass
@@ -95,15 +108,15 @@ class MILDataset(Dataset):
         _shared_cache: dict | None = None,
         _lengths: dict | None = None,
     ):
-        if cache not in (None, "fp16", "fp32"):
-            raise ValueError(f"cache must be None, 'fp16' or 'fp32', got {cache!r}")
+        if cache not in (None, "auto", "fp16", "fp32"):
+            raise ValueError(f"cache must be None, 'auto', 'fp16' or 'fp32', got {cache!r}")
         if max_instances is not None and max_instances < 1:
             raise ValueError(f"max_instances must be >= 1, got {max_instances}")
         self.table = table
         self.classes = list(classes)
         self.bag_unit = bag_unit
         self.max_instances = max_instances
-        self.cache_mode = cache
+        self._cache_setting = cache
         self.with_coords = with_coords
         self.seed = seed
         self.limits = limits
@@ -181,6 +194,19 @@ class MILDataset(Dataset):
         width = max((len(u.target) for u in self.units if u.target is not None), default=0)
         return np.array([u.target if u.target is not None else (np.nan,) * width for u in self.units],
                         dtype=np.float64).reshape(len(self.units), width)
+
+    @property
+    def cache_mode(self) -> Literal["fp16", "fp32"] | None:
+        """The cache in use. "auto" is decided on first use, from the file headers: fp32 when all this dataset's
+        features (float32, every file once) fit `auto_cache_limit()`, else none. Subsets inherit the decision."""
+        if self._cache_setting == "auto":
+            self._cache_setting = "fp32" if self.feature_bytes() <= auto_cache_limit() else None
+        return self._cache_setting
+
+    def feature_bytes(self) -> int:
+        """Bytes the features of all the dataset's files take in float32 (from the file headers)."""
+        files = {f for u in self.units for f in u.files}
+        return sum(self._file_length(f) for f in files) * self.in_dim * 4 if files else 0
 
     def _file_length(self, file: Path) -> int:
         if file not in self._file_lengths:
@@ -294,7 +320,7 @@ class MILDataset(Dataset):
         from tqdm.auto import tqdm
 
         if self.cache_mode is None:
-            raise ValueError("preload needs cache='fp16' or 'fp32'")
+            raise ValueError("preload needs cache='fp16' or 'fp32' (or 'auto', when the dataset fits)")
         files = [f for u in self.units for f in u.files]
         for file in tqdm(files, desc="caching bags", disable=not progress, leave=False):
             self._load(file, None)

@@ -97,10 +97,14 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
         return out.transpose(1, 2).values()
     if impl != "loop":
         raise ValueError(f"impl must be auto, loop or nested, got {impl!r}")
-    parts = []
-    for start, end in zip(segments.offsets[:-1].tolist(), segments.offsets[1:].tolist()):
-        part = F.scaled_dot_product_attention(q[None, start:end].transpose(1, 2), k[None, start:end].transpose(1, 2),
-                                              v[None, start:end].transpose(1, 2), dropout_p=dropout_p,
-                                              enable_gqa=enable_gqa)
-        parts.append(part[0].transpose(0, 1))
+
+    def attend(qi, ki, vi):  # one bag: (n, H, hd) -> (n, H, hd)
+        out = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None],
+                                             vi.transpose(0, 1)[None], dropout_p=dropout_p, enable_gqa=enable_gqa)
+        return out[0].transpose(0, 1)
+
+    # One split, not a slice per bag: the backward of B slices writes B zero-filled (T, H, hd) gradients,
+    # the backward of a split one concatenation (measured on CPU: 25% less time for 16 hematology bags).
+    lengths = segments.lengths.tolist()
+    parts = [attend(*bag) for bag in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
     return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -103,7 +103,10 @@ class DataConfig(_Section):
         "class, as CLAM's voting), and what slide bags' splits stratify on (refuse: the majority)")
     classes: list[str] | None = Field(None, description="class order; default: sorted labels")
     max_instances: int | None = Field(None, ge=1, description="random subset of larger bags while training")
-    cache: Literal["fp16", "fp32"] | None = None
+    cache: Literal["auto", "fp16", "fp32"] | None = Field(
+        "auto", description="keep the features in memory after their first read: fp32; fp16 (half the memory; "
+        "values must fit float16); auto: fp32 when the dataset takes at most 4 GiB in float32 (and a quarter of "
+        "the machine's memory), else none; null: read each bag from its file every time")
     num_workers: int = Field(0, ge=0)
     check: bool = Field(True, description="read every bag for NaN/Inf and dims before training")
     limits: BagLimits = Field(default_factory=BagLimits, description="what one feature file may declare")

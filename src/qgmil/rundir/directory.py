@@ -40,6 +40,16 @@ from .config import ConfigError, RunConfig, load_config
 LOCK_NAME = "run"  # RUN_DIR/run.lock
 
 
+def _result_settings(config: RunConfig) -> dict:
+    """What a resumed run must share with its config.yaml: all but the runtime section, with the caches that
+    keep the values as they are in the files (none, auto, fp32) counted as one, so a run stored before
+    data.cache's default became auto resumes with the default."""
+    settings = config.model_dump(exclude={"runtime"})
+    if settings["data"]["cache"] in (None, "auto", "fp32"):
+        settings["data"]["cache"] = "as stored"
+    return settings
+
+
 class RunDirError(ValueError):
     """A directory that is not (or not yet) what the caller needs; the message names it."""
 
@@ -271,7 +281,7 @@ class RunDir:
         if resume:
             self.require_resumable()
             stored = self.read_config()
-            if config is not None and config.absolute().model_dump(exclude={"runtime"}) != stored.model_dump(exclude={"runtime"}):
+            if config is not None and _result_settings(config.absolute()) != _result_settings(stored):
                 raise ConfigError(f"{self.root}: the given config differs from the run's config.yaml; "
                                   "resume with `--resume --out RUN_DIR` alone, or start a new run")
             return stored if config is None else stored.model_copy(update={"runtime": config.runtime})

@@ -89,6 +89,13 @@ def _dataset(config: RunConfig, table: Path, features: Path) -> tuple[MILDataset
     return data, make_task(config, names).for_run(data)
 
 
+def _fill_cache_for_workers(config: RunConfig, data: MILDataset, ctx: Dist) -> None:
+    """DataLoader workers work on a forked copy of the dataset, and what they cache dies with them at the end
+    of each epoch; so with workers a cached dataset is filled here, once, and the workers share it."""
+    if config.data.num_workers > 0 and data.cache_mode is not None:
+        data.preload(progress=config.runtime.progress and ctx.is_main)
+
+
 def _check_targets(config: RunConfig):
     """The target check of `check_dataset` for tasks other than classification (None for classification)."""
     if config.task.kind == "classification":
@@ -238,6 +245,7 @@ def attach_run(out_dir: str | Path) -> OpenRun:
         torch.set_num_threads(config.runtime.threads)
     ctx = init_distributed(config.runtime.device)
     data, task = _dataset(config, *_data_paths(config, run.root))
+    _fill_cache_for_workers(config, data, ctx)
     return OpenRun(run, config, ctx, data, task, Splits.load(run.splits))
 
 
@@ -282,6 +290,7 @@ def _start(config: RunConfig, run: RunDir, ctx: Dist, resume: bool, command: lis
     barrier(ctx)
     splits = Splits.load(run.splits)
     _validate(config, run, data, task, splits)
+    _fill_cache_for_workers(config, data, ctx)
     if ctx.is_main:
         run.write_config(config)
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
