@@ -8,9 +8,10 @@ Runs, each in its own process (their full output goes to DIR/<name>.log, their f
   models_scale.py       every architecture: inference and training step time and peak memory vs bag size
   train_throughput.py   training bags/s at small, hematology (~500 x 384) and WSI (~10k x 1024) scale: batch 1 (old
                         and fused optimizer), padded, instance-budget and packed batches
+  train_defaults.py     seconds per epoch of `qgmil train` on digit-bags at the former defaults and at today's
   loader_throughput.py  bag loader vs a plain h5py loop
   extract_throughput.py tiles/s for reading, the encoder, and the whole extraction (needs the CMU slide)
-Default: the scripts' quick settings (about 10-15 minutes on 2 cores); --full: their documented settings (hours).
+Default: the scripts' quick settings (about 15-20 minutes on 2 cores); --full: their documented settings (hours).
 Figures are only comparable within one run on one machine: each ratio is against a baseline measured alongside.
 """
 
@@ -34,6 +35,7 @@ def scripts(full: bool, device: str) -> dict[str, list[str]]:
         "qgmil_scale": [*quick],
         "models_scale": [*quick],
         "train_throughput": [*quick, "--device", device],
+        "train_defaults": [] if not full else ["--full"],
         "loader_throughput": [*quick],
         "extract_throughput": ["--device", device] + ([] if full else ["--copies", "2", "--encoder", "timm:resnet18"]),
     }
@@ -56,6 +58,11 @@ def summary_rows(name: str, data) -> list[tuple[str, str, str]]:
     elif name == "train_throughput":
         for row in data:
             rows.append((f"train {row['model']}", f"{row['scale']}, {row['mode']}", f"{row['bags_per_s']:.2f} bags/s"))
+    elif name == "train_defaults":
+        for row in data["rows"]:
+            rows.append(("qgmil train, digit-bags", f"{row['defaults']} defaults",
+                         f"{row['s_per_epoch']:.2f} s/epoch, macro-F1 {row['macro_f1']:.3f}"))
+        rows.append(("qgmil train, digit-bags", "today vs former", f"{data['epoch_ratio']:.1f}x per epoch"))
     elif name == "loader_throughput":
         base = data["configs"].get("a", {}).get("time_s")
         for key, cell in data["configs"].items():
