@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 import qgmil.train.loop as loop
 from qgmil.cli import main
-from qgmil.data import prepare_dataset, write_bag
+from qgmil.data import BagFileError, prepare_dataset, write_bag
 from qgmil.rundir.config import ConfigError, load_config, parse_set
 from qgmil.train.run import train_run
 
@@ -175,6 +176,26 @@ def test_auto_cache_reads_each_bag_once_and_trains_as_reading_the_files(digits, 
         train_run(small_config(digits, **{"data.cache": "fp16"}), tmp_path / "resumed", resume=True)
     train_run(small_config(digits), tmp_path / "resumed", resume=True)
     assert (tmp_path / "files" / "predictions.csv").read_text() == (tmp_path / "resumed" / "predictions.csv").read_text()
+
+
+def test_with_loader_workers_the_auto_cache_is_filled_first_and_the_workers_use_it(digits, tmp_path, monkeypatch):
+    """With data.num_workers the cache is filled before training, so the workers (forked afresh each epoch)
+    never open a file: moved away after the first epoch, the features are not needed for the rest of the run.
+    The same run reading its files (data.cache null) fails there."""
+    copy = tmp_path / "digits"
+    shutil.copytree(digits, copy)
+    moved = tmp_path / "moved"
+
+    def move_features(fold, epoch):
+        if not moved.exists():
+            (copy / "features").rename(moved)
+
+    monkeypatch.setattr(loop, "_epoch_end_hook", move_features)
+    summary = train_run(small_config(copy, **{"data.num_workers": 1}), tmp_path / "cached")
+    assert moved.exists() and summary["macro_f1"]["n"] == 2
+    moved.rename(copy / "features")
+    with pytest.raises(BagFileError, match="DataLoader worker"):
+        train_run(small_config(copy, **{"data.num_workers": 1, "data.cache": None}), tmp_path / "files")
 
 
 def test_predict_with_a_run(digits, tmp_path):
