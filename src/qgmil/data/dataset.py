@@ -2,7 +2,8 @@
 
 Files are opened inside `__getitem__`, so each DataLoader worker opens its own HDF5 handles (h5py
 handles do not survive fork). An in-memory cache (fp16 halves it; "auto": fp32 when the whole dataset fits
-`auto_cache_limit()`) serves datasets that fit in RAM, so each file is read once per process; `max_instances` draws a random subset of a large bag, reproducibly from (seed, epoch, index).
+`auto_cache_limit()`) serves datasets that fit in RAM, so each file is read once per process;
+`max_instances` draws a random subset of a large bag, reproducibly from (seed, epoch, index).
 """
 
 from __future__ import annotations
