@@ -125,10 +125,10 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     for (model, dataset), group in frame.groupby(["model", "dataset"], sort=False):
         row = {"model": model, "dataset": dataset, "bags": len(group)}
         for col in metric_columns(frame):
-            values = group[col].astype(float)
-            row[f"{col}_mean"] = values.mean()
-            row[f"{col}_std"] = values.std()
-            row[f"{col}_median"] = values.median()
+            values = group[col].astype(float).dropna()  # all NaN (e.g. no instance labels): NaN, without a warning
+            row[f"{col}_mean"] = values.mean() if len(values) else np.nan
+            row[f"{col}_std"] = values.std() if len(values) else np.nan
+            row[f"{col}_median"] = values.median() if len(values) else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
