@@ -148,7 +148,8 @@ def test_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
 def test_auto_cache_reads_each_bag_once_and_trains_as_reading_the_files(digits, tmp_path, monkeypatch):
     """data.cache: auto (the default) keeps the digits in memory: each file is read once in the whole run, and
     the run ends as one that reads every bag from its file each time, byte for byte. A run whose config.yaml
-    says cache: null (as before auto was the default) resumes under the default; fp16 (other values) is refused."""
+    says cache: null (as before auto was the default) resumes under the default; fp16 (it changes the values) is
+    refused."""
     import qgmil.data.dataset as dataset_module
 
     reads = []
