@@ -121,21 +121,27 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
-    config = small_config(digits, **{"model.overrides": {"dropout": 0.3}, "optim.epochs": 4})  # dropout: RNG matters
-    train_run(config, tmp_path / "straight")
-
-    def stop(fold, epoch):
-        if fold == "seed0-fold1" and epoch == 1:
+def train_interrupted(config, out, monkeypatch, fold: str, epoch: int) -> None:
+    """Train `config` into `out` until the end of `epoch` of `fold`, stopped there as by a kill; later runs
+    in the test go on undisturbed."""
+    def stop(at_fold, at_epoch):
+        if (at_fold, at_epoch) == (fold, epoch):
             raise Interrupted
 
     monkeypatch.setattr(loop, "_epoch_end_hook", stop)
     with pytest.raises(Interrupted):
-        train_run(config, tmp_path / "resumed")
+        train_run(config, out)
+    monkeypatch.setattr(loop, "_epoch_end_hook", lambda at_fold, at_epoch: None)
+
+
+def test_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
+    config = small_config(digits, **{"model.overrides": {"dropout": 0.3}, "optim.epochs": 4})  # dropout: RNG matters
+    train_run(config, tmp_path / "straight")
+
+    train_interrupted(config, tmp_path / "resumed", monkeypatch, "seed0-fold1", 1)
     fold1 = tmp_path / "resumed" / "folds" / "seed0-fold1"
     assert (fold1 / "state.safetensors").exists() and not (fold1 / "metrics.json").exists()
     done = (tmp_path / "resumed" / "folds" / "seed0-fold0" / "metrics.json").stat().st_mtime_ns
-    monkeypatch.setattr(loop, "_epoch_end_hook", lambda fold, epoch: None)
     train_run(None, tmp_path / "resumed", resume=True)
     assert (tmp_path / "resumed" / "folds" / "seed0-fold0" / "metrics.json").stat().st_mtime_ns == done  # skipped
     for name in ("predictions.csv", "summary.json"):
@@ -165,14 +171,7 @@ def test_auto_cache_reads_each_bag_once_and_trains_as_reading_the_files(digits, 
     for name in ("predictions.csv", "summary.json"):
         assert (tmp_path / "files" / name).read_text() == (tmp_path / "cached" / name).read_text()
 
-    def stop(fold, epoch):
-        if fold == "seed0-fold1" and epoch == 0:
-            raise Interrupted
-
-    monkeypatch.setattr(loop, "_epoch_end_hook", stop)
-    with pytest.raises(Interrupted):
-        train_run(uncached, tmp_path / "resumed")
-    monkeypatch.setattr(loop, "_epoch_end_hook", lambda fold, epoch: None)
+    train_interrupted(uncached, tmp_path / "resumed", monkeypatch, "seed0-fold1", 0)
     with pytest.raises(ConfigError, match="differs from the run's config.yaml"):
         train_run(small_config(digits, **{"data.cache": "fp16"}), tmp_path / "resumed", resume=True)
     train_run(small_config(digits), tmp_path / "resumed", resume=True)
